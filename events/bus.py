@@ -1,0 +1,249 @@
+"""The service's side of the bus: publish change events, apply other instances' events.
+
+One NATS connection per instance. Writes are announced on `<prefix>.changed.<path>` through
+JetStream (stored in SECRETS_EVENTS for replay); every instance listens on a core subscription,
+which is the fastest path, and replays from the stream after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import api as js_api
+from nats.js.errors import Error as JsError
+
+from events.subjects import changed_subject
+from schemas.events import ChangeEvent, event_decoder, event_encoder
+from service.errors import ConfigError
+
+__all__ = ["CHANGE_STREAM", "ChangeHandler", "EventBus", "ensure_stream"]
+
+log = logging.getLogger("secrets.events")
+
+CHANGE_STREAM = "SECRETS_EVENTS"
+
+
+class ChangeHandler(Protocol):
+    """What the bus drives: the manager (see SecretsManager)."""
+
+    def apply_change(self, path: str, version: int) -> None: ...
+
+    def bus_down(self) -> None: ...
+
+    def bus_up(self, *, replayed: bool = False) -> None: ...
+
+
+async def ensure_stream(
+    js: Any, prefix: str, *, name: str = CHANGE_STREAM, max_age: float = 7 * 86400
+) -> None:
+    """Create the change stream, or update it to this config: safe to call at every start."""
+    config = js_api.StreamConfig(
+        name=name,
+        subjects=[f"{prefix}.changed.>"],
+        storage=js_api.StorageType.FILE,
+        max_age=max_age,
+        duplicate_window=120,
+    )
+    try:
+        await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config)
+    else:
+        await js.update_stream(config)
+
+
+class EventBus:
+    """Publisher (an EventSink for the manager) and subscriber for one instance."""
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        prefix: str,
+        *,
+        instance_id: str,
+        publish_attempts: int = 6,
+        publish_timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.servers = list(servers)
+        self.prefix = prefix
+        self.instance_id = instance_id
+        self.publish_attempts = publish_attempts
+        self.publish_timeout = publish_timeout
+        self._clock = clock
+        self.nc: NATS | None = None
+        self.js: Any = None
+        self._handler: ChangeHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._disconnected_at: float | None = None
+        self.published = 0
+        self.publish_failures = 0
+        self.received = 0
+        self.decode_errors = 0
+        self.on_received: Callable[[ChangeEvent], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self, handler: ChangeHandler, *, connect_timeout: float = 5.0) -> None:
+        self._handler = handler
+        try:
+            self.nc = await nats.connect(
+                servers=self.servers,
+                name=f"secrets-service-{self.instance_id}",
+                connect_timeout=connect_timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                allow_reconnect=True,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                error_cb=self._on_error,
+            )
+        except (OSError, NatsError, TimeoutError) as exc:
+            raise ConfigError(
+                "SECRETS_NATS_URL", f"cannot connect to NATS: {type(exc).__name__}"
+            ) from None
+        self.js = self.nc.jetstream()
+        try:
+            await ensure_stream(self.js, self.prefix)
+        except (NatsError, JsError, TimeoutError) as exc:
+            raise ConfigError(
+                "SECRETS_NATS_URL", f"JetStream unavailable ({type(exc).__name__}): run with -js"
+            ) from None
+        await self.nc.subscribe(f"{self.prefix}.changed.>", cb=self._on_message)
+        handler.bus_up(replayed=True)  # nothing cached yet: nothing to drop
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2.0)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (NatsError, TimeoutError):
+                await self.nc.close()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(self, event: ChangeEvent) -> None:
+        """Announce a write Vault already accepted: in the background, retried, never raising."""
+        task = asyncio.get_running_loop().create_task(self._publish(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, event: ChangeEvent) -> None:
+        subject = changed_subject(self.prefix, event.path)
+        payload = event_encoder.encode(event)
+        headers = {"Nats-Msg-Id": event.event_id}  # JetStream drops a retried duplicate
+        delay = 0.05
+        for attempt in range(1, self.publish_attempts + 1):
+            try:
+                if self.js is None:
+                    raise ConnectionError("not connected")
+                await self.js.publish(
+                    subject, payload, timeout=self.publish_timeout, headers=headers
+                )
+                self.published += 1
+                return
+            except (NatsError, JsError, TimeoutError, ConnectionError) as exc:
+                log.warning(
+                    "event publish failed",
+                    extra={
+                        "path": event.path,
+                        "version": event.version,
+                        "attempt": attempt,
+                        "error_type": type(exc).__name__,
+                    },
+                )
+                if attempt < self.publish_attempts:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        self.publish_failures += 1
+        log.error(
+            "event not published; other instances fall back to the version check",
+            extra={"path": event.path, "version": event.version},
+        )
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._handle(msg.data)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            event = event_decoder.decode(data)
+        except msgspec.DecodeError:
+            self.decode_errors += 1
+            log.warning("undecodable change event dropped")
+            return
+        self.received += 1
+        if self.on_received is not None:
+            self.on_received(event)
+        if event.instance_id == self.instance_id or self._handler is None:
+            return  # our own write: the cache and listeners already know
+        self._handler.apply_change(event.path, event.version)
+
+    async def _on_disconnected(self) -> None:
+        if self._disconnected_at is None:
+            self._disconnected_at = self._clock()
+        log.warning("NATS disconnected: cached entries now served within the fallback TTL")
+        if self._handler is not None:
+            self._handler.bus_down()
+
+    async def _on_reconnected(self) -> None:
+        since = self._disconnected_at
+        self._disconnected_at = None
+        log.info("NATS reconnected: cache dropped, replaying missed events")
+        if self._handler is not None:
+            # Invalidations may have been missed: drop the cache first, then tell listeners
+            # what changed meanwhile.
+            self._handler.bus_up(replayed=False)
+        if since is not None:
+            task = asyncio.get_running_loop().create_task(self._replay(since - 2.0))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _replay(self, since: float) -> None:
+        """Feed the events stored since `since` (epoch seconds) to the handler."""
+        if self.js is None:
+            return
+        start = datetime.fromtimestamp(since, UTC)
+        try:
+            sub = await self.js.subscribe(
+                f"{self.prefix}.changed.>",
+                ordered_consumer=True,
+                deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+                config=js_api.ConsumerConfig(opt_start_time=start),
+            )
+        except (NatsError, JsError, TimeoutError) as exc:
+            log.warning("replay failed", extra={"error_type": type(exc).__name__})
+            return
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    break
+                self._handle(msg.data)
+                if msg.metadata.num_pending == 0:
+                    break
+        except (NatsError, JsError) as exc:
+            log.warning("replay interrupted", extra={"error_type": type(exc).__name__})
+        finally:
+            try:
+                await sub.unsubscribe()
+            except (NatsError, JsError):
+                pass
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error", extra={"error_type": type(exc).__name__})

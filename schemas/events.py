@@ -1,0 +1,44 @@
+"""Change events published on NATS, as tagged msgspec Structs. They never carry secret data.
+
+Every field added later gets a default, so old consumers and old events keep decoding
+(msgspec's schema evolution rules).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+__all__ = [
+    "ChangeEvent",
+    "EVENT_TYPES",
+    "SecretCreated",
+    "SecretUpdated",
+    "event_decoder",
+    "event_encoder",
+]
+
+
+class _Change(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    event_id: str
+    path: str
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    actor: str
+    instance_id: str
+    time: str  # RFC 3339, UTC
+
+
+class SecretCreated(_Change, tag="secret.created", frozen=True):
+    """Version 1 of a path was written (or the first version after the path was emptied)."""
+
+
+class SecretUpdated(_Change, tag="secret.updated", frozen=True):
+    """A new version of an existing path was written."""
+
+
+ChangeEvent = SecretCreated | SecretUpdated
+EVENT_TYPES: tuple[str, ...] = ("secret.created", "secret.updated")
+
+event_encoder = msgspec.json.Encoder()
+event_decoder = msgspec.json.Decoder(ChangeEvent)

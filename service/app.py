@@ -1,0 +1,413 @@
+"""The HTTP adapter: app factory, lifespan resources, routes and the one error handler.
+
+Each request flows route -> auth -> policy -> manager; the manager owns cache, Vault, events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from events.bus import EventBus
+from schemas.api import (
+    ConflictError,
+    ErrorBody,
+    InvalidSecretError,
+    ViolationBody,
+    WriteResponse,
+    encoder,
+    write_request_decoder,
+)
+from service.auth import OIDCVerifier, Principal, bearer_token
+from service.errors import (
+    ConfigError,
+    Forbidden,
+    InvalidRequest,
+    InvalidSecret,
+    NotFound,
+    SecretsError,
+    TooLarge,
+    Unauthenticated,
+    VersionConflict,
+)
+from service.logs import request_context
+from service.manager import SecretsManager
+from service.metrics import Metrics
+from service.openapi import openapi_document
+from service.paths import split_custom_method, validate_path
+from service.policy import READ, WRITE, Policy
+from service.settings import Settings
+from service.vault import HvacBackend, VaultBackend
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("secrets.http")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_VERSION_PARAM = re.compile(r"[1-9][0-9]{0,15}")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+class _Json(Response):
+    media_type = "application/json"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend: VaultBackend | None = None,
+    verifier: OIDCVerifier | None = None,
+    policy: Policy | None = None,
+    bus: EventBus | None = None,
+) -> Starlette:
+    """Build the app. Anything not injected is opened in the lifespan from `settings`."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async with _open_resources(app) as state:
+                yield state
+        except ConfigError as exc:
+            # The CLI turns this into exit code 2 with one line naming the setting.
+            app.state.startup_error = exc
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _open_resources(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with contextlib.AsyncExitStack() as stack:
+            pol = policy or Policy.load(settings.policy_file)
+            vault = backend
+            if vault is None:
+                hvac_backend = HvacBackend(
+                    settings.vault_addr,
+                    token=settings.vault_token,
+                    role_id=settings.vault_role_id,
+                    secret_id=settings.vault_secret_id,
+                    mount=settings.vault_mount,
+                    timeout=settings.vault_timeout,
+                    concurrency=settings.vault_concurrency,
+                )
+                stack.push_async_callback(hvac_backend.aclose)
+                await hvac_backend.login()
+                vault = hvac_backend
+            auth = verifier
+            if auth is None:
+                auth = OIDCVerifier(
+                    settings.oidc_issuer,
+                    settings.oidc_audience,
+                    roles_claim=pol.roles_claim,
+                    algorithms=settings.oidc_algorithms,
+                    leeway=settings.oidc_leeway,
+                    max_lifetime=settings.oidc_max_token_lifetime,
+                )
+                stack.push_async_callback(auth.aclose)
+                await auth.start()
+            events = bus or EventBus(
+                settings.nats_url, settings.nats_prefix, instance_id=settings.instance_id
+            )
+            manager = SecretsManager(
+                vault,
+                cache_ttl=settings.cache_ttl,
+                cache_max_entries=settings.cache_max_entries,
+                instance_id=settings.instance_id,
+                events=events,
+            )
+            stack.push_async_callback(manager.aclose)
+            stack.push_async_callback(events.aclose)
+            await events.connect(manager)
+            log.info(
+                "service ready",
+                extra={"instance_id": settings.instance_id, "vault": settings.vault_addr},
+            )
+            yield {
+                "manager": manager,
+                "verifier": auth,
+                "policy": pol,
+                "bus": events,
+                "vault": vault,
+                "readiness": _Readiness(vault, events),
+            }
+
+    routes = [
+        Route("/secrets/{rest:path}", _secret_endpoint, methods=["GET", "PATCH"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/readyz", _readyz, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={SecretsError: _error_response, 404: _route_not_found},
+    )
+    app.state.settings = settings
+    app.state.startup_error = None
+    app.state.metrics = metrics
+    app.state.openapi = encoder.encode(openapi_document())
+    app.add_middleware(_RequestContext, metrics=metrics)
+    return app
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+async def _secret_endpoint(request: Request) -> Response:
+    principal = await _authenticate(request)
+    path, verb = split_custom_method(request.path_params["rest"])
+    validate_path(path)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx["path"] = path
+    if verb is not None:
+        # No custom methods are defined yet; answer as for a route that does not exist.
+        raise NotFound(f"no method ':{verb}'", path=path)
+    if request.method == "GET":
+        return await _read(request, principal, path)
+    return await _write(request, principal, path)
+
+
+async def _read(request: Request, principal: Principal, path: str) -> Response:
+    _require(request, principal, READ, path, op="read")
+    version = _version_param(request)
+    manager: SecretsManager = request.state.manager
+    secret, body = await manager.get_document(path, version)
+    headers = {"ETag": f'"{secret.version}"', **_NO_STORE}
+    return _Json(body, headers=headers)
+
+
+async def _write(request: Request, principal: Principal, path: str) -> Response:
+    _require(request, principal, WRITE, path, op="write")
+    settings: Settings = request.app.state.settings
+    raw = await _read_body(request, settings.max_body_bytes)
+    try:
+        body = write_request_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(_shape_error(exc), path=path) from None
+    except msgspec.DecodeError:
+        raise InvalidRequest("the body is not valid JSON", path=path) from None
+    manager: SecretsManager = request.state.manager
+    secret = await manager.set(path, body.data, body.version, actor=principal.subject)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx["version"] = secret.version
+    return _Json(
+        encoder.encode(WriteResponse(path=path, version=secret.version)), headers=_NO_STORE
+    )
+
+
+async def _healthz(request: Request) -> Response:
+    return _Json(b'{"status":"ok"}')
+
+
+async def _readyz(request: Request) -> Response:
+    readiness: _Readiness = request.state.readiness
+    checks = await readiness.check()
+    ok = all(checks.values())
+    body = encoder.encode({"status": "ready" if ok else "unavailable", "checks": checks})
+    return _Json(body, status_code=200 if ok else 503)
+
+
+async def _metrics(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    metrics.cache_size.set(len(request.state.manager.cache))
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _openapi(request: Request) -> Response:
+    return _Json(request.app.state.openapi)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+async def _authenticate(request: Request) -> Principal:
+    verifier: OIDCVerifier = request.state.verifier
+    try:
+        principal = await verifier.verify(bearer_token(request.headers.get("authorization")))
+    except Unauthenticated as exc:
+        metrics: Metrics = request.app.state.metrics
+        metrics.auth_failures.labels(exc.reason).inc()
+        raise
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx["actor"] = principal.subject
+    return principal
+
+
+def _require(request: Request, principal: Principal, permission: str, path: str, op: str) -> None:
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx["op"] = op
+    policy: Policy = request.state.policy
+    if not policy.allows(principal.roles, principal.scopes, permission, path):
+        raise Forbidden(path=path)
+
+
+def _version_param(request: Request) -> int | None:
+    raw = request.query_params.get("version")
+    if raw is None:
+        return None
+    if _VERSION_PARAM.fullmatch(raw) is None:
+        raise InvalidRequest("version must be a positive integer")
+    return int(raw)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("invalid Content-Length")
+        if int(declared) > limit:
+            raise TooLarge(f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise InvalidRequest('a JSON body {"data": {...}, "version": N} is required')
+    return b"".join(chunks)
+
+
+def _shape_error(exc: msgspec.ValidationError) -> str:
+    # msgspec names the location and expected type; an unknown field's name is not echoed.
+    message = str(exc)
+    if message.startswith("Object contains unknown field"):
+        return 'the body has an unknown field; expected {"data": {...}, "version": N}'
+    return f"the body has the wrong shape: {message}"
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SecretsError)
+    headers = dict(_NO_STORE)
+    body: msgspec.Struct
+    if isinstance(exc, VersionConflict):
+        body = ConflictError(exc.code, exc.detail, exc.current_version)
+    elif isinstance(exc, InvalidSecret):
+        body = InvalidSecretError(
+            exc.code, exc.detail, [ViolationBody(v.field, v.rule) for v in exc.violations]
+        )
+    else:
+        body = ErrorBody(exc.code, exc.detail)
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = exc.www_authenticate
+        ctx = request_context.get()
+        if ctx is not None:
+            ctx["reason"] = exc.reason
+    if exc.status >= 500:
+        log.error("request failed", extra={"error": exc.code, "error_type": type(exc).__name__})
+    return _Json(encoder.encode(body), status_code=exc.status, headers=headers)
+
+
+async def _route_not_found(request: Request, exc: Exception) -> Response:
+    return _Json(encoder.encode(ErrorBody("not_found", "no such route")), status_code=404)
+
+
+class _Readiness:
+    """Vault and NATS answer. Checked at most once a second, however often it is asked."""
+
+    def __init__(self, vault: VaultBackend, bus: EventBus) -> None:
+        self.vault = vault
+        self.bus = bus
+        self._at = 0.0
+        self._checks: dict[str, bool] = {}
+
+    async def check(self) -> dict[str, bool]:
+        now = time.monotonic()
+        if now - self._at >= 1.0:
+            try:
+                await self.vault.ping()
+                vault_ok = True
+            except SecretsError:
+                vault_ok = False
+            self._checks = {"vault": vault_ok, "nats": self.bus.connected}
+            self._at = now
+        return self._checks
+
+
+class _RequestContext:
+    """Pure ASGI middleware: request id, one structured log line and metrics per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        ctx: dict[str, Any] = {"request_id": request_id}
+        token = request_context.set(ctx)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            duration = time.perf_counter() - started
+            op = ctx.get("op")
+            if op is not None:
+                outcome = _outcome(status)
+                self.metrics.operations.labels(op, outcome).inc()
+                self.metrics.latency.labels(op).observe(duration)
+            if scope["path"].startswith("/secrets"):
+                log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "status": status,
+                        "outcome": _outcome(status),
+                        "duration_ms": round(duration * 1000, 3),
+                    },
+                )
+            request_context.reset(token)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    return {
+        400: "invalid", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+        409: "conflict", 413: "too_large", 422: "invalid_secret", 503: "unavailable",
+    }.get(status, "error")  # fmt: skip
+
+
+Handler = Callable[[Request], Awaitable[Response]]

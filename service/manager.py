@@ -1,0 +1,279 @@
+"""SecretsManager: reads through the cache, CAS writes to Vault, change events and listeners.
+
+It knows nothing of HTTP or NATS: the HTTP routes call it, an `EventSink` publishes what it
+writes, and the bus subscriber calls `apply_change` for changes made elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+from anyio import to_thread
+
+from schemas.api import SecretBody
+from schemas.events import ChangeEvent, SecretCreated, SecretUpdated
+from service.cache import SecretCache
+from service.errors import InvalidRequest, NotFound, SecretsError
+from service.paths import validate_path
+from service.secret import Secret, SecretData
+from service.vault import VaultBackend
+
+__all__ = ["EventSink", "Listener", "SecretsManager"]
+
+log = logging.getLogger("secrets.manager")
+
+Listener = Callable[[str, SecretData | None], Awaitable[None] | None]
+_encode = msgspec.json.Encoder().encode
+_NOTIFIED_MAX = 100_000  # (path -> last version notified) remembered, to call listeners once
+
+
+class EventSink(Protocol):
+    """Where the manager hands the events of its own writes. `publish` must never raise."""
+
+    def publish(self, event: ChangeEvent) -> None: ...
+
+
+class _Flight:
+    """One Vault read shared by every concurrent miss on a path."""
+
+    __slots__ = ("future", "floor")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Secret] = asyncio.get_running_loop().create_future()
+        self.floor = 0  # a change event seen while in flight: the result must be this new
+
+
+class SecretsManager:
+    def __init__(
+        self,
+        backend: VaultBackend,
+        *,
+        cache_ttl: float = 300.0,
+        cache_max_entries: int = 10000,
+        fallback_ttl: float = 5.0,
+        instance_id: str | None = None,
+        events: EventSink | None = None,
+        listener_concurrency: int = 8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.cache = SecretCache(max_entries=cache_max_entries, ttl=cache_ttl, clock=clock)
+        self.fallback_ttl = fallback_ttl
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.events = events
+        # While the bus is down, invalidations may be missed: serve cached entries only
+        # within fallback_ttl of their fetch. Start pessimistic until the bus says it is up.
+        self.bus_connected = events is None
+        self._flights: dict[str, _Flight] = {}
+        self._listeners: dict[str, Listener] = {}
+        self._listener_limiter = anyio.CapacityLimiter(listener_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._notified: OrderedDict[str, int] = OrderedDict()
+        self.listener_errors = 0
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get(self, path: str, version: int | None = None) -> Secret:
+        """The latest version of `path` (or version `version`). Raises NotFound."""
+        return (await self.get_document(path, version))[0]
+
+    async def get_document(self, path: str, version: int | None = None) -> tuple[Secret, bytes]:
+        """The secret and its JSON document (path, version, data, created_time), encoded once."""
+        validate_path(path)
+        max_age = self.cache.ttl if self.bus_connected else self.fallback_ttl
+        entry = self.cache.get(path, version, max_age)
+        if entry is not None:
+            return entry.secret, entry.body
+        if version is not None:
+            secret = await self.backend.read(path, version)
+            body = _document(secret)
+            if secret.version == version:
+                self.cache.put(secret, body, pinned=True)
+            return secret, body
+        secret = await self._load(path)
+        entry = self.cache.get(path, None, max_age)
+        if entry is not None and entry.secret.version == secret.version:
+            return entry.secret, entry.body
+        return secret, _document(secret)
+
+    async def _load(self, path: str) -> Secret:
+        flight = self._flights.get(path)
+        if flight is not None:
+            return await asyncio.shield(flight.future)
+        flight = self._flights[path] = _Flight()
+        try:
+            secret = await self.backend.read(path)
+            while secret.version < flight.floor:
+                # A newer version was announced while we read: read again.
+                secret = await self.backend.read(path)
+        except BaseException as exc:
+            if self._flights.get(path) is flight:
+                del self._flights[path]
+            if isinstance(exc, Exception):
+                flight.future.set_exception(exc)
+                flight.future.exception()  # retrieved: no "never retrieved" warning
+            else:
+                flight.future.cancel()
+            raise
+        if self._flights.get(path) is flight:
+            del self._flights[path]
+        self.cache.put(secret, _document(secret))
+        flight.future.set_result(secret)
+        return secret
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def set(
+        self, path: str, data: Mapping[str, Any], version: int, *, actor: str = "in-process"
+    ) -> Secret:
+        """Write `data` as the next version if the current version is `version` (CAS).
+
+        `version=0` creates: it fails with VersionConflict if the path already exists.
+        """
+        validate_path(path)
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise InvalidRequest("data must be an object with string keys", path=path)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidRequest("version must be an integer >= 0", path=path)
+        try:
+            _encode(dict(data))
+        except (TypeError, msgspec.EncodeError):
+            raise InvalidRequest("data must be JSON-serialisable", path=path) from None
+        secret = await self.backend.write(path, data, version)
+        self._note_change(path, secret.version)
+        self.cache.put(secret, _document(secret))
+        if self.events is not None:
+            kind = SecretCreated if secret.version == 1 else SecretUpdated
+            self.events.publish(
+                kind(
+                    event_id=uuid.uuid4().hex,
+                    path=path,
+                    version=secret.version,
+                    actor=actor,
+                    instance_id=self.instance_id,
+                    time=datetime.now(UTC).isoformat(timespec="microseconds"),
+                )
+            )
+        self._first_notice(path, secret.version)
+        self._notify(path, secret.data)
+        return secret
+
+    # -- changes made elsewhere ------------------------------------------------------------
+
+    def apply_change(self, path: str, version: int) -> None:
+        """Another instance (or Vault directly) made `version` of `path`: evict, then notify.
+
+        Eviction happens before this returns; listeners are called in the background with the
+        value read once and shared by all of them.
+        """
+        self._note_change(path, version)
+        self.cache.invalidate(path, version)
+        if self._listeners and self._first_notice(path, version):
+            task = asyncio.get_running_loop().create_task(self._read_and_notify(path))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read_and_notify(self, path: str) -> None:
+        value: SecretData | None
+        try:
+            value = (await self.get(path)).data
+        except NotFound:
+            value = None  # deleted meanwhile: listeners still hear of the change
+        except SecretsError:
+            log.warning("could not read a changed secret for listeners", extra={"path": path})
+            value = None
+        self._notify(path, value)
+
+    def _first_notice(self, path: str, version: int) -> bool:
+        """True the first time (path, version) is seen: replays and retries notify once."""
+        seen = self._notified.get(path, 0)
+        if version <= seen:
+            return False
+        self._notified[path] = version
+        self._notified.move_to_end(path)
+        if len(self._notified) > _NOTIFIED_MAX:
+            self._notified.popitem(last=False)
+        return True
+
+    def _note_change(self, path: str, version: int) -> None:
+        flight = self._flights.get(path)
+        if flight is not None and flight.floor < version:
+            flight.floor = version
+            # New readers must not join a read that may predate this change.
+            del self._flights[path]
+
+    def bus_down(self) -> None:
+        self.bus_connected = False
+
+    def bus_up(self, *, replayed: bool = False) -> None:
+        """The bus is back. Unless the missed events were replayed, drop the whole cache."""
+        if not replayed:
+            self.cache.clear()
+        self.bus_connected = True
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def add_listener(self, name: str, callback: Listener) -> None:
+        """Call `callback(path, value)` after each change, on any instance. Sync or async."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._listeners[name] = callback
+
+    def remove_listener(self, name: str) -> None:
+        self._listeners.pop(name, None)
+
+    def _notify(self, path: str, value: SecretData | None) -> None:
+        for name, callback in list(self._listeners.items()):
+            task = asyncio.get_running_loop().create_task(
+                self._call_listener(name, callback, path, value)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call_listener(
+        self, name: str, callback: Listener, path: str, value: SecretData | None
+    ) -> None:
+        try:
+            if inspect.iscoroutinefunction(callback):
+                await callback(path, value)
+            else:
+                # A sync callback may block: it runs in a worker thread, never on the loop.
+                result = await to_thread.run_sync(
+                    callback, path, value, limiter=self._listener_limiter
+                )
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:  # noqa: BLE001 - a listener's failure is logged and counted
+            self.listener_errors += 1
+            log.error(
+                "listener failed",
+                extra={"listener": name, "path": path, "error_type": type(exc).__name__},
+            )
+
+    async def aclose(self) -> None:
+        """Wait briefly for running listener calls, then cancel what is left."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=2.0)
+            for task in pending:
+                task.cancel()
+
+
+def _document(secret: Secret) -> bytes:
+    return _encode(
+        SecretBody(
+            path=secret.path,
+            version=secret.version,
+            data=secret.data.reveal(),
+            created_time=secret.created_time,
+        )
+    )

@@ -1,0 +1,247 @@
+"""Settings from an injected environment mapping (and an optional TOML file named by it).
+
+`Settings.from_environ(os.environ)` is the only reader of the environment; tests pass a dict.
+A missing or wrong setting raises ConfigError naming it; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+from service.errors import ConfigError
+
+__all__ = ["ASYMMETRIC_ALGORITHMS", "Settings"]
+
+T = TypeVar("T")
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Never `none`, never HS*: a symmetric algorithm would let a public key act as a shared secret.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    vault_addr: str
+    oidc_issuer: str
+    oidc_audience: str
+    policy_file: str
+    vault_token: str | None = None
+    vault_role_id: str | None = None
+    vault_secret_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    vault_mount: str = "secret"
+    vault_timeout: float = 5.0
+    vault_concurrency: int = 32
+    nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    nats_prefix: str = "secrets"
+    oidc_algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
+    oidc_leeway: float = 30.0
+    oidc_max_token_lifetime: float = 86400.0
+    cache_ttl: float = 300.0
+    cache_max_entries: int = 10000
+    max_body_bytes: int = 65536
+    log_level: str = "INFO"
+    instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __repr__(self) -> str:
+        # The Vault token and AppRole secret id are credentials: never printed.
+        shown = {
+            f: ("**redacted**" if f in ("vault_token", "vault_secret_id") and v else v)
+            for f in self.__struct_fields__
+            for v in (getattr(self, f),)
+        }
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Read SECRETS_* variables; SECRETS_CONFIG may name a TOML file of the same keys.
+
+        The environment wins over the file. File keys may be written `SECRETS_PORT` or `port`.
+        """
+        values: dict[str, Any] = {}
+        config_file = environ.get("SECRETS_CONFIG")
+        if config_file:
+            values.update(_read_toml(config_file))
+        for key, raw in environ.items():
+            if key.startswith("SECRETS_") and key != "SECRETS_CONFIG":
+                values[key] = raw
+        return cls._build(values)
+
+    @classmethod
+    def _build(cls, values: Mapping[str, Any]) -> Settings:
+        r = _Reader(values)
+        vault_addr = r.get("SECRETS_VAULT_ADDR", _url, required=True)
+        token = r.get("SECRETS_VAULT_TOKEN", _nonempty)
+        role_id = r.get("SECRETS_VAULT_ROLE_ID", _nonempty)
+        secret_id = r.get("SECRETS_VAULT_SECRET_ID", _nonempty)
+        if not token and not (role_id and secret_id):
+            raise ConfigError(
+                "SECRETS_VAULT_TOKEN",
+                "required (or SECRETS_VAULT_ROLE_ID and SECRETS_VAULT_SECRET_ID for AppRole)",
+            )
+        kwargs: dict[str, Any] = {
+            "vault_addr": vault_addr.rstrip("/"),
+            "vault_token": token,
+            "vault_role_id": role_id,
+            "vault_secret_id": secret_id,
+            "oidc_issuer": r.get("SECRETS_OIDC_ISSUER", _url, required=True).rstrip("/"),
+            "oidc_audience": r.get("SECRETS_OIDC_AUDIENCE", _nonempty, required=True),
+            "policy_file": r.get("SECRETS_POLICY_FILE", _nonempty, required=True),
+        }
+        optional: dict[str, Callable[[Any], Any]] = {
+            "host": _nonempty,
+            "port": _int_between(0, 65535),
+            "vault_mount": _mount,
+            "vault_timeout": _positive_float,
+            "vault_concurrency": _int_between(1, 1024),
+            "nats_url": _nats_urls,
+            "nats_prefix": _subject_token,
+            "oidc_algorithms": _algorithms,
+            "oidc_leeway": _nonnegative_float,
+            "oidc_max_token_lifetime": _positive_float,
+            "cache_ttl": _nonnegative_float,
+            "cache_max_entries": _int_between(0, 10_000_000),
+            "max_body_bytes": _int_between(1024, 64 * 1024 * 1024),
+            "log_level": _log_level,
+            "instance_id": _subject_token,
+        }
+        for name, parse in optional.items():
+            value = r.get("SECRETS_" + name.upper(), parse)
+            if value is not None:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+
+class _Reader:
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values = values
+
+    def get(self, key: str, parse: Callable[[Any], T], *, required: bool = False) -> T:
+        raw = self.values.get(key)
+        if raw is None or raw == "":
+            if required:
+                raise ConfigError(key, "required")
+            return None  # type: ignore[return-value]
+        try:
+            return parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, str(exc)) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("SECRETS_CONFIG", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("SECRETS_CONFIG", f"{path} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.upper()
+        name = name if name.startswith("SECRETS_") else "SECRETS_" + name
+        if isinstance(value, list):
+            out[name] = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            out[name] = str(value).lower()
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _nonempty(v: Any) -> str:
+    s = str(v).strip()
+    if not s:
+        raise ValueError("must not be empty")
+    return s
+
+
+def _url(v: Any) -> str:
+    s = _nonempty(v)
+    parts = urlsplit(s)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, got {s!r}")
+    return s
+
+
+def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        try:
+            n = int(str(v).strip())
+        except ValueError:
+            raise ValueError(f"must be an integer, got {v!r}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {n}")
+        return n
+
+    return parse
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(str(v).strip())
+    except ValueError:
+        raise ValueError(f"must be a number, got {v!r}") from None
+
+
+def _positive_float(v: Any) -> float:
+    f = _float(v)
+    if not f > 0:
+        raise ValueError(f"must be greater than 0, got {f}")
+    return f
+
+
+def _nonnegative_float(v: Any) -> float:
+    f = _float(v)
+    if not f >= 0:
+        raise ValueError(f"must be 0 or more, got {f}")
+    return f
+
+
+def _mount(v: Any) -> str:
+    s = _nonempty(v).strip("/")
+    if not s or any(not part for part in s.split("/")):
+        raise ValueError(f"not a mount path: {v!r}")
+    return s
+
+
+def _nats_urls(v: Any) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in str(v).split(",") if u.strip())
+    if not urls:
+        raise ValueError("must list at least one server")
+    for u in urls:
+        parts = urlsplit(u)
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.netloc:
+            raise ValueError(f"not a NATS URL: {u!r}")
+    return urls
+
+
+def _subject_token(v: Any) -> str:
+    s = _nonempty(v)
+    if any(c in s for c in " \t\r\n*>") or s.startswith(".") or s.endswith(".") or ".." in s:
+        raise ValueError(f"not a valid NATS subject prefix: {s!r}")
+    return s
+
+
+def _algorithms(v: Any) -> tuple[str, ...]:
+    allowed = ASYMMETRIC_ALGORITHMS
+    algs = tuple(a.strip() for a in str(v).split(",") if a.strip())
+    bad = [a for a in algs if a not in allowed]
+    if bad or not algs:
+        raise ValueError(f"only asymmetric algorithms are allowed ({', '.join(allowed)})")
+    return algs
+
+
+def _log_level(v: Any) -> str:
+    s = str(v).strip().upper()
+    if s not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return s
