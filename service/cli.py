@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,9 @@ def run_dev(*, port: int = 8080) -> int:
     from service import devstack  # the dev stack pulls in test-server helpers; load on demand
 
     configure_logging("WARNING")
+    # uvicorn re-raises SIGTERM after its own shutdown; make that unwind through the `finally`
+    # below like Ctrl-C does, so no child process is left behind.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="secrets-dev-"))
     with contextlib.ExitStack() as stack:
         print("starting OpenBao and NATS ...", file=sys.stderr)
@@ -157,6 +161,10 @@ def run_dev(*, port: int = 8080) -> int:
         finally:
             print("\nstopping the dev stack ...", file=sys.stderr)
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _port_free(port: int) -> bool:

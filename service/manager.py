@@ -23,9 +23,10 @@ from anyio import to_thread
 from schemas.api import SecretBody
 from schemas.events import ChangeEvent, SecretCreated, SecretUpdated
 from service.cache import SecretCache
-from service.errors import InvalidRequest, NotFound, SecretsError
+from service.errors import InvalidRequest, InvalidSecret, NotFound, SecretsError
 from service.paths import validate_path
 from service.secret import Secret, SecretData
+from service.validation import validate_data
 from service.vault import VaultBackend
 
 __all__ = ["EventSink", "Listener", "SecretsManager"]
@@ -146,9 +147,11 @@ class SecretsManager:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequest("version must be an integer >= 0", path=path)
         try:
-            _encode(dict(data))
+            violations = validate_data(data)
         except (TypeError, msgspec.EncodeError):
             raise InvalidRequest("data must be JSON-serialisable", path=path) from None
+        if violations:
+            raise InvalidSecret(violations, path=path)
         secret = await self.backend.write(path, data, version)
         self._note_change(path, secret.version)
         self.cache.put(secret, _document(secret))

@@ -1,0 +1,116 @@
+"""Test helpers: run the real app under uvicorn in the test's event loop, capture its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from service.app import create_app
+from service.devstack import DEV_POLICY_TOML, free_port
+from service.logs import JsonFormatter
+from service.settings import Settings
+from service.vault import VaultBackend
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # tests keep their own signal handling
+
+
+def service_settings(
+    openbao: Any, nats: Any, oidc: Any, policy_file: Path, **overrides: str
+) -> Settings:
+    environ = {
+        "SECRETS_VAULT_ADDR": openbao.addr,
+        "SECRETS_VAULT_TOKEN": openbao.root_token,
+        "SECRETS_NATS_URL": nats.url if hasattr(nats, "url") else str(nats),
+        "SECRETS_OIDC_ISSUER": oidc.issuer,
+        "SECRETS_OIDC_AUDIENCE": oidc.audience,
+        "SECRETS_POLICY_FILE": str(policy_file),
+        "SECRETS_PORT": str(free_port()),
+    }
+    environ.update({f"SECRETS_{k.upper()}": v for k, v in overrides.items()})
+    return Settings.from_environ(environ)
+
+
+def write_policy(directory: Path, text: str = DEV_POLICY_TOML) -> Path:
+    path = directory / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+class RunningService:
+    def __init__(self, app: Any, url: str) -> None:
+        self.app = app
+        self.url = url
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    settings: Settings, *, backend: VaultBackend | None = None
+) -> AsyncIterator[RunningService]:
+    """Serve the app on settings.port until the block ends; fail fast if startup fails."""
+    app = create_app(settings, backend=backend)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
+    )
+    server = _Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                raise RuntimeError(f"service failed to start: {app.state.startup_error!r}")
+            await asyncio.sleep(0.02)
+        yield RunningService(app, f"http://127.0.0.1:{settings.port}")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+class LogCapture:
+    """Every log record of the process, formatted as the service formats them."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(JsonFormatter())
+
+    def __enter__(self) -> LogCapture:
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        self._level = root.level
+        root.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self._level)
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+
+def bearer(token: str) -> Mapping[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def get_json(client: httpx.AsyncClient, url: str, token: str) -> httpx.Response:
+    return await client.get(url, headers=bearer(token))
