@@ -44,7 +44,12 @@ class ChangeHandler(Protocol):
 
 
 async def ensure_stream(
-    js: Any, prefix: str, *, name: str = CHANGE_STREAM, max_age: float = 7 * 86400
+    js: Any,
+    prefix: str,
+    *,
+    name: str = CHANGE_STREAM,
+    max_age: float = 7 * 86400,
+    replicas: int = 1,
 ) -> None:
     """Create the change stream, or update it to this config: safe to call at every start."""
     config = js_api.StreamConfig(
@@ -53,6 +58,7 @@ async def ensure_stream(
         storage=js_api.StorageType.FILE,
         max_age=max_age,
         duplicate_window=120,
+        num_replicas=replicas,
     )
     try:
         await js.stream_info(name)
@@ -73,6 +79,7 @@ class EventBus:
         instance_id: str,
         publish_attempts: int = 6,
         publish_timeout: float = 1.0,
+        replicas: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.servers = list(servers)
@@ -80,6 +87,7 @@ class EventBus:
         self.instance_id = instance_id
         self.publish_attempts = publish_attempts
         self.publish_timeout = publish_timeout
+        self.replicas = replicas
         self._clock = clock
         self.nc: NATS | None = None
         self.js: Any = None
@@ -90,6 +98,7 @@ class EventBus:
         self.publish_failures = 0
         self.received = 0
         self.decode_errors = 0
+        self.disconnects = 0
         self.on_received: Callable[[ChangeEvent], None] | None = None
 
     @property
@@ -116,7 +125,7 @@ class EventBus:
             ) from None
         self.js = self.nc.jetstream()
         try:
-            await ensure_stream(self.js, self.prefix)
+            await ensure_stream(self.js, self.prefix, replicas=self.replicas)
         except (NatsError, JsError, TimeoutError) as exc:
             raise ConfigError(
                 "SECRETS_NATS_URL", f"JetStream unavailable ({type(exc).__name__}): run with -js"
@@ -194,6 +203,7 @@ class EventBus:
         self._handler.apply_change(event.path, event.version)
 
     async def _on_disconnected(self) -> None:
+        self.disconnects += 1
         if self._disconnected_at is None:
             self._disconnected_at = self._clock()
         log.warning("NATS disconnected: cached entries now served within the fallback TTL")
@@ -226,7 +236,9 @@ class EventBus:
                 config=js_api.ConsumerConfig(opt_start_time=start),
             )
         except (NatsError, JsError, TimeoutError) as exc:
-            log.warning("replay failed", extra={"error_type": type(exc).__name__})
+            log.warning(
+                "replay failed", extra={"error_type": type(exc).__name__, "error": str(exc)}
+            )
             return
         try:
             while True:

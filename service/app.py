@@ -5,6 +5,7 @@ Each request flows route -> auth -> policy -> manager; the manager owns cache, V
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -118,22 +119,34 @@ def create_app(
                 stack.push_async_callback(auth.aclose)
                 await auth.start()
             events = bus or EventBus(
-                settings.nats_url, settings.nats_prefix, instance_id=settings.instance_id
+                settings.nats_url,
+                settings.nats_prefix,
+                instance_id=settings.instance_id,
+                replicas=settings.nats_replicas,
             )
             manager = SecretsManager(
                 vault,
                 cache_ttl=settings.cache_ttl,
                 cache_max_entries=settings.cache_max_entries,
+                fallback_ttl=settings.cache_fallback_ttl,
                 instance_id=settings.instance_id,
                 events=events,
             )
             stack.push_async_callback(manager.aclose)
             stack.push_async_callback(events.aclose)
             await events.connect(manager)
+            if settings.vault_poll_interval > 0:
+                watcher = asyncio.get_running_loop().create_task(
+                    manager.watch_versions(settings.vault_poll_interval)
+                )
+                stack.callback(watcher.cancel)
             log.info(
                 "service ready",
                 extra={"instance_id": settings.instance_id, "vault": settings.vault_addr},
             )
+            # Also on app.state, for code embedding the app (and tests) to reach the manager.
+            app.state.manager = manager
+            app.state.bus = events
             yield {
                 "manager": manager,
                 "verifier": auth,

@@ -35,7 +35,8 @@ log = logging.getLogger("secrets.manager")
 
 Listener = Callable[[str, SecretData | None], Awaitable[None] | None]
 _encode = msgspec.json.Encoder().encode
-_NOTIFIED_MAX = 100_000  # (path -> last version notified) remembered, to call listeners once
+_KNOWN_MAX = 100_000  # paths whose newest version is remembered (about 100 bytes each)
+_REREADS = 3  # reads of a path that Vault answers with a version older than one announced
 
 
 class EventSink(Protocol):
@@ -47,11 +48,10 @@ class EventSink(Protocol):
 class _Flight:
     """One Vault read shared by every concurrent miss on a path."""
 
-    __slots__ = ("future", "floor")
+    __slots__ = ("future",)
 
     def __init__(self) -> None:
         self.future: asyncio.Future[Secret] = asyncio.get_running_loop().create_future()
-        self.floor = 0  # a change event seen while in flight: the result must be this new
 
 
 class SecretsManager:
@@ -79,7 +79,9 @@ class SecretsManager:
         self._listeners: dict[str, Listener] = {}
         self._listener_limiter = anyio.CapacityLimiter(listener_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._notified: OrderedDict[str, int] = OrderedDict()
+        # path -> the newest version this instance knows exists (its own writes and events).
+        # Nothing older is ever cached or returned from a fresh read.
+        self._known: OrderedDict[str, int] = OrderedDict()
         self.listener_errors = 0
 
     # -- reads ---------------------------------------------------------------------------
@@ -114,7 +116,9 @@ class SecretsManager:
         flight = self._flights[path] = _Flight()
         try:
             secret = await self.backend.read(path)
-            while secret.version < flight.floor:
+            for _ in range(_REREADS):
+                if secret.version >= self._known.get(path, 0):
+                    break
                 # A newer version was announced while we read: read again.
                 secret = await self.backend.read(path)
         except BaseException as exc:
@@ -128,9 +132,14 @@ class SecretsManager:
             raise
         if self._flights.get(path) is flight:
             del self._flights[path]
-        self.cache.put(secret, _document(secret))
+        self._cache_latest(secret)
         flight.future.set_result(secret)
         return secret
+
+    def _cache_latest(self, secret: Secret) -> None:
+        # A write or read that finishes after a newer version's event must not cache the older.
+        if secret.version >= self._known.get(secret.path, 0):
+            self.cache.put(secret, _document(secret))
 
     # -- writes --------------------------------------------------------------------------
 
@@ -153,23 +162,28 @@ class SecretsManager:
         if violations:
             raise InvalidSecret(violations, path=path)
         secret = await self.backend.write(path, data, version)
-        self._note_change(path, secret.version)
-        self.cache.put(secret, _document(secret))
-        if self.events is not None:
-            kind = SecretCreated if secret.version == 1 else SecretUpdated
-            self.events.publish(
-                kind(
-                    event_id=uuid.uuid4().hex,
-                    path=path,
-                    version=secret.version,
-                    actor=actor,
-                    instance_id=self.instance_id,
-                    time=datetime.now(UTC).isoformat(timespec="microseconds"),
-                )
-            )
-        self._first_notice(path, secret.version)
-        self._notify(path, secret.data)
+        newest = self._advance(path, secret.version)
+        self._cache_latest(secret)
+        self._announce(path, secret.version, actor)
+        if newest:
+            # If a newer version's event came first, listeners heard of that one instead.
+            self._notify(path, secret.data)
         return secret
+
+    def _announce(self, path: str, version: int, actor: str) -> None:
+        if self.events is None:
+            return
+        kind = SecretCreated if version == 1 else SecretUpdated
+        self.events.publish(
+            kind(
+                event_id=uuid.uuid4().hex,
+                path=path,
+                version=version,
+                actor=actor,
+                instance_id=self.instance_id,
+                time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            )
+        )
 
     # -- changes made elsewhere ------------------------------------------------------------
 
@@ -179,9 +193,9 @@ class SecretsManager:
         Eviction happens before this returns; listeners are called in the background with the
         value read once and shared by all of them.
         """
-        self._note_change(path, version)
+        newest = self._advance(path, version)
         self.cache.invalidate(path, version)
-        if self._listeners and self._first_notice(path, version):
+        if self._listeners and newest:
             task = asyncio.get_running_loop().create_task(self._read_and_notify(path))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -197,23 +211,54 @@ class SecretsManager:
             value = None
         self._notify(path, value)
 
-    def _first_notice(self, path: str, version: int) -> bool:
-        """True the first time (path, version) is seen: replays and retries notify once."""
-        seen = self._notified.get(path, 0)
-        if version <= seen:
+    def _advance(self, path: str, version: int) -> bool:
+        """Record that `version` of `path` exists; True if it is newer than any known before.
+
+        Replayed and duplicated events are not newer, so listeners hear of each change once.
+        """
+        if version <= self._known.get(path, 0):
             return False
-        self._notified[path] = version
-        self._notified.move_to_end(path)
-        if len(self._notified) > _NOTIFIED_MAX:
-            self._notified.popitem(last=False)
+        self._known[path] = version
+        self._known.move_to_end(path)
+        if len(self._known) > _KNOWN_MAX:
+            self._known.popitem(last=False)
+        # New readers must not join a read that may predate this version.
+        self._flights.pop(path, None)
         return True
 
-    def _note_change(self, path: str, version: int) -> None:
-        flight = self._flights.get(path)
-        if flight is not None and flight.floor < version:
-            flight.floor = version
-            # New readers must not join a read that may predate this change.
-            del self._flights[path]
+    async def check_versions(self, *, concurrency: int = 8) -> list[tuple[str, int]]:
+        """Find writes made straight to Vault: compare every cached path with its metadata.
+
+        A newer version is handled like an event (evict, notify listeners) and announced on
+        the bus for the other instances. Returns the (path, version) pairs found.
+        """
+        gate = asyncio.Semaphore(concurrency)
+        found: list[tuple[str, int]] = []
+
+        async def check(path: str, cached: int) -> None:
+            async with gate:
+                try:
+                    current = await self.backend.current_version(path)
+                except SecretsError:
+                    return  # Vault trouble: the next round tries again, the TTL still bounds
+            if current > cached:
+                found.append((path, current))
+                self.apply_change(path, current)
+                self._announce(path, current, "vault-direct")
+
+        await asyncio.gather(*(check(p, v) for p, v in self.cache.latest_paths()))
+        if found:
+            log.info("writes made outside the service found", extra={"count": len(found)})
+        return found
+
+    async def watch_versions(self, interval: float) -> None:
+        """Run check_versions every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_versions()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one round
+                log.exception("version check failed")
 
     def bus_down(self) -> None:
         self.bus_connected = False

@@ -42,10 +42,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     vault_concurrency: int = 32
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_prefix: str = "secrets"
+    nats_replicas: int = 1
     oidc_algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
     oidc_leeway: float = 30.0
     oidc_max_token_lifetime: float = 86400.0
     cache_ttl: float = 300.0
+    cache_fallback_ttl: float = 5.0
+    vault_poll_interval: float = 10.0
     cache_max_entries: int = 10000
     max_body_bytes: int = 65536
     log_level: str = "INFO"
@@ -104,10 +107,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "vault_concurrency": _int_between(1, 1024),
             "nats_url": _nats_urls,
             "nats_prefix": _subject_token,
+            "nats_replicas": _int_between(1, 5),
             "oidc_algorithms": _algorithms,
             "oidc_leeway": _nonnegative_float,
             "oidc_max_token_lifetime": _positive_float,
             "cache_ttl": _nonnegative_float,
+            "cache_fallback_ttl": _nonnegative_float,
+            "vault_poll_interval": _nonnegative_float,
             "cache_max_entries": _int_between(0, 10_000_000),
             "max_body_bytes": _int_between(1024, 64 * 1024 * 1024),
             "log_level": _log_level,
