@@ -35,6 +35,9 @@ class WriteRequest(msgspec.Struct, forbid_unknown_fields=True):
     def __repr__(self) -> str:
         return f"WriteRequest(data='**redacted**', version={self.version})"
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("data", "**redacted**"), ("version", self.version)]
+
 
 class SecretBody(msgspec.Struct):
     path: str

@@ -88,7 +88,10 @@ async def _serve(settings: Settings, *, started: asyncio.Event | None = None) ->
     server = uvicorn.Server(config)
     if started is not None:
         watcher = asyncio.get_running_loop().create_task(_signal_started(server, started))
-    await server.serve()
+    try:
+        await server.serve()
+    except SystemExit:
+        pass  # uvicorn exits 3 when startup fails; the error kept by the app says why
     error = app.state.startup_error
     if isinstance(error, ConfigError):
         raise error

@@ -45,15 +45,6 @@ class EventSink(Protocol):
     def publish(self, event: ChangeEvent) -> None: ...
 
 
-class _Flight:
-    """One Vault read shared by every concurrent miss on a path."""
-
-    __slots__ = ("future",)
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[Secret] = asyncio.get_running_loop().create_future()
-
-
 class SecretsManager:
     def __init__(
         self,
@@ -75,7 +66,7 @@ class SecretsManager:
         # While the bus is down, invalidations may be missed: serve cached entries only
         # within fallback_ttl of their fetch. Start pessimistic until the bus says it is up.
         self.bus_connected = events is None
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, asyncio.Task[Secret]] = {}
         self._listeners: dict[str, Listener] = {}
         self._listener_limiter = anyio.CapacityLimiter(listener_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,6 +84,8 @@ class SecretsManager:
     async def get_document(self, path: str, version: int | None = None) -> tuple[Secret, bytes]:
         """The secret and its JSON document (path, version, data, created_time), encoded once."""
         validate_path(path)
+        if version is not None and (isinstance(version, bool) or version < 1):
+            raise InvalidRequest("version must be a positive integer", path=path)
         max_age = self.cache.ttl if self.bus_connected else self.fallback_ttl
         entry = self.cache.get(path, version, max_age)
         if entry is not None:
@@ -110,30 +103,29 @@ class SecretsManager:
         return secret, _document(secret)
 
     async def _load(self, path: str) -> Secret:
+        # The read runs as its own task: a caller that gives up (timeout, disconnect) cancels
+        # only its own wait, never the read the other callers share.
         flight = self._flights.get(path)
-        if flight is not None:
-            return await asyncio.shield(flight.future)
-        flight = self._flights[path] = _Flight()
-        try:
-            secret = await self.backend.read(path)
-            for _ in range(_REREADS):
-                if secret.version >= self._known.get(path, 0):
-                    break
-                # A newer version was announced while we read: read again.
-                secret = await self.backend.read(path)
-        except BaseException as exc:
-            if self._flights.get(path) is flight:
-                del self._flights[path]
-            if isinstance(exc, Exception):
-                flight.future.set_exception(exc)
-                flight.future.exception()  # retrieved: no "never retrieved" warning
-            else:
-                flight.future.cancel()
-            raise
-        if self._flights.get(path) is flight:
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._fetch(path))
+            self._flights[path] = flight
+            flight.add_done_callback(lambda task: self._land(path, task))
+        return await asyncio.shield(flight)
+
+    def _land(self, path: str, task: asyncio.Task[Secret]) -> None:
+        if self._flights.get(path) is task:
             del self._flights[path]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an unawaited failure is not reported twice
+
+    async def _fetch(self, path: str) -> Secret:
+        secret = await self.backend.read(path)
+        for _ in range(_REREADS):
+            if secret.version >= self._known.get(path, 0):
+                break
+            # A newer version was announced while we read: read again.
+            secret = await self.backend.read(path)
         self._cache_latest(secret)
-        flight.future.set_result(secret)
         return secret
 
     def _cache_latest(self, secret: Secret) -> None:
@@ -151,14 +143,9 @@ class SecretsManager:
         `version=0` creates: it fails with VersionConflict if the path already exists.
         """
         validate_path(path)
-        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
-            raise InvalidRequest("data must be an object with string keys", path=path)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequest("version must be an integer >= 0", path=path)
-        try:
-            violations = validate_data(data)
-        except (TypeError, msgspec.EncodeError):
-            raise InvalidRequest("data must be JSON-serialisable", path=path) from None
+        violations = validate_data(data)
         if violations:
             raise InvalidSecret(violations, path=path)
         secret = await self.backend.write(path, data, version)

@@ -70,3 +70,11 @@ class Secret(msgspec.Struct, frozen=True):
         )
 
     __str__ = __repr__
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [
+            ("path", self.path),
+            ("version", self.version),
+            ("data", REDACTED),
+            ("created_time", self.created_time),
+        ]

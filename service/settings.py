@@ -56,12 +56,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:
         # The Vault token and AppRole secret id are credentials: never printed.
-        shown = {
-            f: ("**redacted**" if f in ("vault_token", "vault_secret_id") and v else v)
-            for f in self.__struct_fields__
-            for v in (getattr(self, f),)
-        }
-        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.__rich_repr__()) + ")"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        hidden = ("vault_token", "vault_secret_id")
+        return [
+            (
+                name,
+                "**redacted**" if name in hidden and getattr(self, name) else getattr(self, name),
+            )
+            for name in self.__struct_fields__
+        ]
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -74,7 +79,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if config_file:
             values.update(_read_toml(config_file))
         for key, raw in environ.items():
-            if key.startswith("SECRETS_") and key != "SECRETS_CONFIG":
+            # An empty variable counts as unset: it neither overrides the file nor the default.
+            if key.startswith("SECRETS_") and key != "SECRETS_CONFIG" and raw != "":
                 values[key] = raw
         return cls._build(values)
 
@@ -95,7 +101,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "vault_token": token,
             "vault_role_id": role_id,
             "vault_secret_id": secret_id,
-            "oidc_issuer": r.get("SECRETS_OIDC_ISSUER", _url, required=True).rstrip("/"),
+            # Kept exactly: OIDC compares issuers byte for byte, trailing slash included.
+            "oidc_issuer": r.get("SECRETS_OIDC_ISSUER", _url, required=True),
             "oidc_audience": r.get("SECRETS_OIDC_AUDIENCE", _nonempty, required=True),
             "policy_file": r.get("SECRETS_POLICY_FILE", _nonempty, required=True),
         }
@@ -148,6 +155,8 @@ def _read_toml(path: str) -> dict[str, Any]:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError("SECRETS_CONFIG", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("SECRETS_CONFIG", f"{path} is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("SECRETS_CONFIG", f"{path} is not valid TOML: {exc}") from None
     out: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""In-memory fakes for unit tests: a KV v2 store behind the VaultBackend seam, an event sink, a clock.
+"""In-memory fakes for unit tests: KV v2 behind the VaultBackend seam, an event sink, a clock.
 
 No server, no thread, no network: each fake records what it was asked so tests can count calls.
 """
@@ -60,10 +60,13 @@ class FakeVault:
     # -- VaultBackend ------------------------------------------------------------------------
 
     async def read(self, path: str, version: int | None = None) -> Secret:
-        self._enter("read")
+        self.calls["read"] += 1
+        failing = self._take_failure()
         versions = list(self._versions.get(path, ()))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if failing:  # after the delay, as a timeout would: concurrent readers share it
+            raise VaultUnavailable("the secrets backend is unavailable", path=path)
         if not versions:
             raise NotFound("no secret at this path", path=path)
         if version is None:
@@ -101,9 +104,14 @@ class FakeVault:
 
     def _enter(self, method: str) -> None:
         self.calls[method] += 1
+        if self._take_failure():
+            raise VaultUnavailable("the secrets backend is unavailable")
+
+    def _take_failure(self) -> bool:
         if self._failures:
             self._failures -= 1
-            raise VaultUnavailable("the secrets backend is unavailable")
+            return True
+        return False
 
     def _store(self, path: str, data: Mapping[str, Any]) -> Secret:
         stored = json.loads(json.dumps(dict(data)))  # TypeError for what JSON cannot hold
