@@ -23,20 +23,31 @@ from nats.js import api as js_api
 from nats.js.errors import Error as JsError
 
 from events.subjects import changed_subject
-from schemas.events import ChangeEvent, event_decoder, event_encoder
+from schemas.events import (
+    ChangeEvent,
+    LifecycleEvent,
+    SecretCreated,
+    SecretUpdated,
+    event_decoder,
+    event_encoder,
+)
 from service.errors import ConfigError
 
-__all__ = ["CHANGE_STREAM", "ChangeHandler", "EventBus", "ensure_stream"]
+__all__ = ["AUDIT_STREAM", "CHANGE_STREAM", "ChangeHandler", "EventBus", "ensure_stream"]
 
 log = logging.getLogger("secrets.events")
 
 CHANGE_STREAM = "SECRETS_EVENTS"
+AUDIT_STREAM = "SECRETS_AUDIT"
+AUDIT_MAX_AGE = 90 * 86400  # seconds JetStream keeps audit records; export them to keep more
 
 
 class ChangeHandler(Protocol):
     """What the bus drives: the manager (see SecretsManager)."""
 
     def apply_change(self, path: str, version: int) -> None: ...
+
+    def apply_lifecycle(self, event: LifecycleEvent) -> None: ...
 
     def bus_down(self) -> None: ...
 
@@ -50,11 +61,13 @@ async def ensure_stream(
     name: str = CHANGE_STREAM,
     max_age: float = 7 * 86400,
     replicas: int = 1,
+    kind: str = "changed",
 ) -> None:
-    """Create the change stream, or update it to this config: safe to call at every start."""
+    """Create the stream of `<prefix>.<kind>.>` (change events by default), or update it to
+    this config: safe to call at every start."""
     config = js_api.StreamConfig(
         name=name,
-        subjects=[f"{prefix}.changed.>"],
+        subjects=[f"{prefix}.{kind}.>"],
         storage=js_api.StorageType.FILE,
         max_age=max_age,
         duplicate_window=120,
@@ -100,6 +113,8 @@ class EventBus:
         self.decode_errors = 0
         self.disconnects = 0
         self.on_received: Callable[[ChangeEvent], None] | None = None
+        # Told, for each live (not replayed) event, the seconds from its `time` to receipt.
+        self.lag_observer: Callable[[float], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -126,6 +141,14 @@ class EventBus:
         self.js = self.nc.jetstream()
         try:
             await ensure_stream(self.js, self.prefix, replicas=self.replicas)
+            await ensure_stream(
+                self.js,
+                self.prefix,
+                name=AUDIT_STREAM,
+                kind="audit",
+                max_age=AUDIT_MAX_AGE,
+                replicas=self.replicas,
+            )
         except (NatsError, JsError, TimeoutError) as exc:
             raise ConfigError(
                 "SECRETS_NATS_URL", f"JetStream unavailable ({type(exc).__name__}): run with -js"
@@ -183,12 +206,32 @@ class EventBus:
             extra={"path": event.path, "version": event.version},
         )
 
+    async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
+        """Publish one audit record on `<prefix>.audit.<op>` (stored by SECRETS_AUDIT).
+
+        With `acknowledged`, True only once JetStream confirmed it stored the record; without,
+        True once it is handed to the connection (a plain publish: no round trip, for records
+        written in the background). `op` must be a subject token. Never raises.
+        """
+        if self.js is None or self.nc is None or not self.connected:
+            return False
+        subject = f"{self.prefix}.audit.{op}"
+        try:
+            if acknowledged:
+                await self.js.publish(subject, payload, timeout=self.publish_timeout)
+            else:
+                await self.nc.publish(subject, payload)
+        except (NatsError, JsError, TimeoutError, ConnectionError) as exc:
+            log.warning("audit publish failed", extra={"error_type": type(exc).__name__})
+            return False
+        return True
+
     # -- receiving -------------------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
-        self._handle(msg.data)
+        self._handle(msg.data, live=True)
 
-    def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes, *, live: bool = False) -> None:
         try:
             event = event_decoder.decode(data)
         except msgspec.DecodeError:
@@ -196,11 +239,24 @@ class EventBus:
             log.warning("undecodable change event dropped")
             return
         self.received += 1
+        if live and self.lag_observer is not None:
+            self._observe_lag(event.time)
         if self.on_received is not None:
             self.on_received(event)
         if event.instance_id == self.instance_id or self._handler is None:
             return  # our own write: the cache and listeners already know
-        self._handler.apply_change(event.path, event.version)
+        if isinstance(event, SecretCreated | SecretUpdated):
+            self._handler.apply_change(event.path, event.version)
+        else:
+            self._handler.apply_lifecycle(event)
+
+    def _observe_lag(self, sent: str) -> None:
+        try:
+            at = datetime.fromisoformat(sent).timestamp()
+        except ValueError:
+            return
+        if self.lag_observer is not None:
+            self.lag_observer(max(0.0, self._clock() - at))
 
     async def _on_disconnected(self) -> None:
         self.disconnects += 1

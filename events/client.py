@@ -16,7 +16,7 @@ What NATS wildcards cannot say (``db-*``, ``app/**/db``) is subscribed more wide
 here. Events never carry secret data: read the secret itself through the service.
 
 Forward compatibility: an event whose ``type`` this version does not know (the service adds types
-with later features, e.g. a future ``"secret.deleted"``) arrives as an `UnknownChange` holding the
+with later features, e.g. a future ``"secret.rotated"``) arrives as an `UnknownChange` holding the
 common fields, so a listener built today keeps running; check ``change.known`` or match on the
 event class to act only on the types you handle. Payloads that are not events at all, or known
 types with invalid fields, are skipped and counted in `ChangeListener.skipped`.

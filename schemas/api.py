@@ -13,11 +13,20 @@ __all__ = [
     "ConflictError",
     "ErrorBody",
     "InvalidSecretError",
+    "KeyList",
+    "LifecycleResponse",
+    "MAX_VERSIONS_PER_REQUEST",
+    "RollbackRequest",
     "SecretBody",
+    "SecretMetadata",
+    "VersionMetadata",
+    "VersionsRequest",
     "ViolationBody",
     "WriteRequest",
     "WriteResponse",
     "encoder",
+    "rollback_request_decoder",
+    "versions_request_decoder",
     "write_request_decoder",
 ]
 
@@ -73,5 +82,80 @@ class InvalidSecretError(msgspec.Struct):
     violations: list[ViolationBody]
 
 
+# -- version history and lifecycle (custom methods) -------------------------------------------
+
+MAX_VERSIONS_PER_REQUEST = 100
+VersionNumber = Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+
+
+class VersionMetadata(msgspec.Struct, frozen=True):
+    """One version as KV v2 keeps it: never its data."""
+
+    version: VersionNumber
+    created_time: str
+    deletion_time: Annotated[
+        str | None,
+        msgspec.Meta(description="When it was (or, with delete_version_after, will be) deleted"),
+    ] = None
+    deleted: Annotated[
+        bool, msgspec.Meta(description="Soft-deleted now: unreadable until undeleted")
+    ] = False
+    destroyed: Annotated[bool, msgspec.Meta(description="Destroyed: the data is gone")] = False
+
+    @property
+    def readable(self) -> bool:
+        return not (self.deleted or self.destroyed)
+
+
+class SecretMetadata(msgspec.Struct, frozen=True):
+    """GET /secrets/{path}:versions: the version history of a path, oldest first."""
+
+    path: str
+    current_version: int
+    created_time: str
+    updated_time: str
+    versions: tuple[VersionMetadata, ...]
+
+    def version(self, number: int) -> VersionMetadata | None:
+        for entry in self.versions:
+            if entry.version == number:
+                return entry
+        return None
+
+
+class KeyList(msgspec.Struct, frozen=True):
+    """GET /secrets/{prefix}:list: the readable keys right under `prefix`; folders end in '/'."""
+
+    prefix: str
+    keys: list[str]
+
+
+class VersionsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST :undelete and :destroy body: the versions to act on."""
+
+    versions: Annotated[
+        list[VersionNumber],
+        msgspec.Meta(min_length=1, max_length=MAX_VERSIONS_PER_REQUEST),
+    ]
+
+
+class RollbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST :rollback body: write version `to_version`'s data as the next version (CAS)."""
+
+    to_version: Annotated[VersionNumber, msgspec.Meta(description="The version to restore")]
+    version: Annotated[
+        VersionNumber, msgspec.Meta(description="The current version the caller last saw")
+    ]
+
+
+class LifecycleResponse(msgspec.Struct):
+    """DELETE, :undelete and :destroy answer: the versions acted on."""
+
+    path: str
+    versions: list[int]
+
+
 encoder = msgspec.json.Encoder()
 write_request_decoder = msgspec.json.Decoder(WriteRequest)
+versions_request_decoder = msgspec.json.Decoder(VersionsRequest)
+rollback_request_decoder = msgspec.json.Decoder(RollbackRequest)

@@ -13,7 +13,11 @@ import msgspec
 __all__ = [
     "ChangeEvent",
     "EVENT_TYPES",
+    "LifecycleEvent",
     "SecretCreated",
+    "SecretDeleted",
+    "SecretDestroyed",
+    "SecretUndeleted",
     "SecretUpdated",
     "event_decoder",
     "event_encoder",
@@ -37,8 +41,33 @@ class SecretUpdated(_Change, tag="secret.updated", frozen=True):
     """A new version of an existing path was written."""
 
 
-ChangeEvent = SecretCreated | SecretUpdated
-EVENT_TYPES: tuple[str, ...] = ("secret.created", "secret.updated")
+class _Lifecycle(_Change, frozen=True, kw_only=True):
+    """Versions changed state; `version` is the path's current version at the time."""
+
+    versions: tuple[Annotated[int, msgspec.Meta(ge=1)], ...] = ()  # empty: unknown, assume all
+
+
+class SecretDeleted(_Lifecycle, tag="secret.deleted", frozen=True):
+    """`versions` were soft-deleted: unreadable until undeleted."""
+
+
+class SecretUndeleted(_Lifecycle, tag="secret.undeleted", frozen=True):
+    """Soft-deleted `versions` were restored."""
+
+
+class SecretDestroyed(_Lifecycle, tag="secret.destroyed", frozen=True):
+    """`versions` were destroyed: their data is gone for good."""
+
+
+LifecycleEvent = SecretDeleted | SecretUndeleted | SecretDestroyed
+ChangeEvent = SecretCreated | SecretUpdated | SecretDeleted | SecretUndeleted | SecretDestroyed
+EVENT_TYPES: tuple[str, ...] = (
+    "secret.created",
+    "secret.updated",
+    "secret.deleted",
+    "secret.undeleted",
+    "secret.destroyed",
+)
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(ChangeEvent)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-from prometheus_client import generate_latest
+from prometheus_client import generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,25 +33,29 @@ from schemas.api import (
     encoder,
     write_request_decoder,
 )
+from schemas.audit import AuditRecord
+from service.audit import AUDIT_OPS, AuditLog, LineSink
 from service.auth import OIDCVerifier, Principal, bearer_token
 from service.errors import (
+    AuditUnavailable,
     ConfigError,
     Forbidden,
     InvalidRequest,
     InvalidSecret,
-    NotFound,
     SecretsError,
     TooLarge,
     Unauthenticated,
     VersionConflict,
 )
+from service.lifecycle import SecretMethods
 from service.logs import request_context
 from service.manager import SecretsManager
 from service.metrics import Metrics
 from service.openapi import openapi_document
-from service.paths import split_custom_method, validate_path
+from service.paths import split_custom_method, validate_path, validate_prefix
 from service.policy import READ, WRITE, Policy
 from service.settings import Settings
+from service.validation import Validator
 from service.vault import HvacBackend, VaultBackend
 
 __all__ = ["create_app"]
@@ -61,6 +65,7 @@ log = logging.getLogger("secrets.http")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _VERSION_PARAM = re.compile(r"[1-9][0-9]{0,15}")
 _NO_STORE = {"Cache-Control": "no-store"}
+_HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class _Json(Response):
@@ -102,6 +107,7 @@ def create_app(
                     mount=settings.vault_mount,
                     timeout=settings.vault_timeout,
                     concurrency=settings.vault_concurrency,
+                    observer=metrics.observe_vault,
                 )
                 stack.push_async_callback(hvac_backend.aclose)
                 await hvac_backend.login()
@@ -131,10 +137,22 @@ def create_app(
                 fallback_ttl=settings.cache_fallback_ttl,
                 instance_id=settings.instance_id,
                 events=events,
+                validator=Validator.from_policy(pol.raw),
             )
             stack.push_async_callback(manager.aclose)
             stack.push_async_callback(events.aclose)
             await events.connect(manager)
+            audit = AuditLog(
+                line=LineSink.open(settings.audit_sink),
+                publisher=events,
+                fail_closed=settings.audit_fail_closed,
+                instance_id=settings.instance_id,
+            )
+            await audit.start()
+            stack.push_async_callback(audit.aclose)  # before the bus closes: it drains to NATS
+            metrics.bind(manager=manager, bus=events, audit=audit)
+            if settings.metrics_port:
+                await _serve_metrics(stack, metrics, settings.host, settings.metrics_port)
             if settings.vault_poll_interval > 0:
                 watcher = asyncio.get_running_loop().create_task(
                     manager.watch_versions(settings.vault_poll_interval)
@@ -154,10 +172,13 @@ def create_app(
                 "bus": events,
                 "vault": vault,
                 "readiness": _Readiness(vault, events),
+                "audit": audit,
             }
 
     routes = [
-        Route("/secrets/{rest:path}", _secret_endpoint, methods=["GET", "PATCH"]),
+        # The endpoint answers 405 (JSON, with Allow) for a method the path or verb does not take.
+        Route("/secrets/{rest:path}", _secret_endpoint, methods=_HTTP_METHODS),
+        Route("/secrets:list", _secret_endpoint, methods=_HTTP_METHODS),  # the top of the tree
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", _readyz, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
@@ -181,17 +202,16 @@ def create_app(
 
 async def _secret_endpoint(request: Request) -> Response:
     principal = await _authenticate(request)
-    path, verb = split_custom_method(request.path_params["rest"])
-    validate_path(path)
+    # /secrets:list has no path parameter: it is the listing of the top of the tree.
+    path, verb = split_custom_method(request.path_params.get("rest", ":list"))
+    if verb == "list":
+        validate_prefix(path)
+    else:
+        validate_path(path)
     ctx = request_context.get()
     if ctx is not None:
         ctx["path"] = path
-    if verb is not None:
-        # No custom methods are defined yet; answer as for a route that does not exist.
-        raise NotFound(f"no method ':{verb}'", path=path)
-    if request.method == "GET":
-        return await _read(request, principal, path)
-    return await _write(request, principal, path)
+    return await _SECRET_METHODS.dispatch(request, principal, path, verb)
 
 
 async def _read(request: Request, principal: Principal, path: str) -> Response:
@@ -199,6 +219,9 @@ async def _read(request: Request, principal: Principal, path: str) -> Response:
     version = _version_param(request)
     manager: SecretsManager = request.state.manager
     secret, body = await manager.get_document(path, version)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx["version"] = secret.version
     headers = {"ETag": f'"{secret.version}"', **_NO_STORE}
     return _Json(body, headers=headers)
 
@@ -236,9 +259,34 @@ async def _readyz(request: Request) -> Response:
 
 
 async def _metrics(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    if settings.metrics_port:
+        return await _route_not_found(request, LookupError())  # served on its own port
+    if settings.metrics_role is not None:
+        principal = await _authenticate(request)
+        if settings.metrics_role not in principal.roles:
+            raise Forbidden("no grant for the metrics")
     metrics: Metrics = request.app.state.metrics
-    metrics.cache_size.set(len(request.state.manager.cache))
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _serve_metrics(
+    stack: contextlib.AsyncExitStack, metrics: Metrics, host: str, port: int
+) -> None:
+    """/metrics on its own port (SECRETS_METRICS_PORT), from prometheus-client's thread."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(
+            "SECRETS_METRICS_PORT", f"cannot listen on {port}: {exc.strerror}"
+        ) from None
+
+    async def stop() -> None:
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        thread.join(timeout=5)
+
+    stack.push_async_callback(stop)
 
 
 async def _openapi(request: Request) -> Response:
@@ -259,6 +307,7 @@ async def _authenticate(request: Request) -> Principal:
     ctx = request_context.get()
     if ctx is not None:
         ctx["actor"] = principal.subject
+        ctx["client_id"] = principal.client_id
     return principal
 
 
@@ -266,6 +315,8 @@ def _require(request: Request, principal: Principal, permission: str, path: str,
     ctx = request_context.get()
     if ctx is not None:
         ctx["op"] = op
+    audit: AuditLog = request.state.audit
+    audit.check(op)  # fail-closed: refused before Vault is asked when no audit sink works
     policy: Policy = request.state.policy
     if not policy.allows(principal.roles, principal.scopes, permission, path):
         raise Forbidden(path=path)
@@ -280,7 +331,9 @@ def _version_param(request: Request) -> int | None:
     return int(raw)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(
+    request: Request, limit: int, expected: str = '{"data": {...}, "version": N}'
+) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -295,7 +348,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise TooLarge(f"the body exceeds {limit} bytes")
         chunks.append(chunk)
     if size == 0:
-        raise InvalidRequest('a JSON body {"data": {...}, "version": N} is required')
+        raise InvalidRequest(f"a JSON body {expected} is required")
     return b"".join(chunks)
 
 
@@ -319,11 +372,13 @@ async def _error_response(request: Request, exc: Exception) -> Response:
         )
     else:
         body = ErrorBody(exc.code, exc.detail)
+    ctx = request_context.get()
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = exc.www_authenticate
-        ctx = request_context.get()
         if ctx is not None:
             ctx["reason"] = exc.reason
+    elif ctx is not None and isinstance(exc, Forbidden | AuditUnavailable):
+        ctx["reason"] = "no_grant" if isinstance(exc, Forbidden) else "audit_unavailable"
     if exc.status >= 500:
         log.error("request failed", extra={"error": exc.code, "error_type": type(exc).__name__})
     return _Json(encoder.encode(body), status_code=exc.status, headers=headers)
@@ -356,7 +411,12 @@ class _Readiness:
 
 
 class _RequestContext:
-    """Pure ASGI middleware: request id, one structured log line and metrics per request."""
+    """Pure ASGI middleware: request id, audit record, one structured log line and metrics.
+
+    Every /secrets request that reached a decision (authenticated or refused) gets one audit
+    record. Where the audit log is fail-closed for the op, the response is held until a sink
+    accepted the record, and replaced by a 503 if none did.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -371,37 +431,109 @@ class _RequestContext:
         token = request_context.set(ctx)
         started = time.perf_counter()
         status = 500
+        secrets_route = scope["path"].startswith("/secrets")
+        audit: AuditLog | None = scope.get("state", {}).get("audit") if secrets_route else None
+        held: list[Message] | None = None
+        recorded = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, held, recorded
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
                 ]
+                if audit is not None and audit.must_confirm(ctx.get("op")):
+                    held = [message]
+                    return
+            elif held is not None:
+                held.append(message)
+                if message.get("more_body", False):
+                    return
+                messages, held = held, None
+                recorded = True
+                assert audit is not None
+                if not await audit.confirm(_audit_record(audit, scope, ctx, status)):
+                    if ctx.get("reason") != "audit_unavailable":
+                        audit.refused += 1  # else already counted when the route refused it
+                    log.error("audit log unavailable: answer replaced by 503")
+                    ctx["reason"] = "audit_unavailable"
+                    status = 503
+                    messages = _audit_refusal(request_id)
+                for held_message in messages:
+                    await send(held_message)
+                return
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             duration = time.perf_counter() - started
+            outcome = _outcome(status)
+            if audit is not None and not recorded and _decided(ctx):
+                audit.submit(_audit_record(audit, scope, ctx, status))
             op = ctx.get("op")
             if op is not None:
-                outcome = _outcome(status)
-                self.metrics.operations.labels(op, outcome).inc()
-                self.metrics.latency.labels(op).observe(duration)
-            if scope["path"].startswith("/secrets"):
+                self.metrics.observe_operation(op, outcome, duration)
+            if secrets_route:
                 log.info(
                     "request",
                     extra={
                         "method": scope["method"],
                         "status": status,
-                        "outcome": _outcome(status),
+                        "outcome": outcome,
                         "duration_ms": round(duration * 1000, 3),
                     },
                 )
             request_context.reset(token)
+
+
+def _decided(ctx: dict[str, Any]) -> bool:
+    # Authenticated (actor), refused at authentication (reason), or an op was chosen.
+    return "actor" in ctx or "reason" in ctx or "op" in ctx
+
+
+def _audit_record(audit: AuditLog, scope: Scope, ctx: dict[str, Any], status: int) -> AuditRecord:
+    client = scope.get("client")
+    return audit.record(
+        request_id=ctx["request_id"],
+        op=ctx.get("op") or _fallback_op(scope),
+        method=scope["method"],
+        path=ctx.get("path"),
+        version=ctx.get("version"),
+        allowed=status not in (401, 403) and ctx.get("reason") != "audit_unavailable",
+        outcome=_outcome(status),
+        status=status,
+        reason=ctx.get("reason"),
+        sub=ctx.get("actor"),
+        client_id=ctx.get("client_id"),
+        source=client[0] if client else None,
+    )
+
+
+def _fallback_op(scope: Scope) -> str:
+    """The op of a request refused before its route chose one (a 401): from verb or method."""
+    _, colon, verb = scope["path"].rpartition(":")
+    if colon and verb.isalpha():
+        return verb if verb in AUDIT_OPS else "other"
+    return {"GET": "read", "HEAD": "read", "PATCH": "write", "DELETE": "delete"}.get(
+        scope["method"], "other"
+    )
+
+
+def _audit_refusal(request_id: str) -> list[Message]:
+    body = encoder.encode(ErrorBody("backend_unavailable", AuditUnavailable().detail))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-request-id", request_id.encode()),
+    ]
+    return [
+        {"type": "http.response.start", "status": 503, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
 
 
 def _request_id(scope: Scope) -> str:
@@ -424,3 +556,5 @@ def _outcome(status: int) -> str:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+_SECRET_METHODS = SecretMethods(read=_read, write=_write, require=_require, read_body=_read_body)

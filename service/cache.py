@@ -37,22 +37,33 @@ class SecretCache:
         self.ttl = ttl
         self._clock = clock
         self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()
+        # Plain ints, read by the metrics collector at scrape time: no lock or label lookup here.
         self.evictions = 0
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, path: str, version: int | None, max_age: float) -> CacheEntry | None:
-        """The entry if it is younger than min(ttl, max_age); pinned versions never age."""
+    def get(
+        self, path: str, version: int | None, max_age: float, *, count: bool = True
+    ) -> CacheEntry | None:
+        """The entry if it is younger than min(ttl, max_age); pinned versions never age.
+
+        `count=False` leaves the hit and miss counters alone (a second look within one read).
+        """
         key = (path, version)
         entry = self._entries.get(key)
         if entry is None:
+            self.misses += count
             return None
         if version is None and self._clock() - entry.fetched_at >= min(self.ttl, max_age):
             del self._entries[key]
             self.evictions += 1
+            self.misses += count
             return None
         self._entries.move_to_end(key)
+        self.hits += count
         return entry
 
     def put(self, secret: Secret, body: bytes, *, pinned: bool = False) -> None:
@@ -85,6 +96,20 @@ class SecretCache:
             if versions is None or entry.secret.version in versions:
                 del self._entries[key]
                 self.evictions += 1
+
+    def drop_latest(self, path: str) -> bool:
+        """Drop the latest-entry of `path`, whatever its version. True if there was one."""
+        if self._entries.pop((path, None), None) is None:
+            return False
+        self.evictions += 1
+        return True
+
+    def cached_versions(self) -> dict[str, set[int]]:
+        """path -> the versions held for it (latest and pinned), for the out-of-band check."""
+        found: dict[str, set[int]] = {}
+        for (path, _), entry in self._entries.items():
+            found.setdefault(path, set()).add(entry.secret.version)
+        return found
 
     def latest_paths(self) -> list[tuple[str, int]]:
         """(path, cached version) of every latest-entry, for the out-of-band version check."""

@@ -24,6 +24,7 @@ from service.errors import ConfigError
 from service.logs import configure_logging
 from service.policy import Policy
 from service.settings import Settings
+from service.validation import Validator
 
 if TYPE_CHECKING:
     from service.devstack import OidcIssuer
@@ -37,6 +38,9 @@ _EXAMPLE_BODY = '{"data": {"username": "app", "password": "n3w-Secret-value!"}, 
 DEV_SERVICE_POLICY = """
 path "secret/data/*" { capabilities = ["create", "read", "update"] }
 path "secret/metadata/*" { capabilities = ["read", "list"] }
+path "secret/delete/*" { capabilities = ["update"] }
+path "secret/undelete/*" { capabilities = ["update"] }
+path "secret/destroy/*" { capabilities = ["update"] }
 path "auth/token/lookup-self" { capabilities = ["read"] }
 """
 
@@ -63,7 +67,7 @@ def _config_failure(exc: ConfigError) -> int:
 def serve(environ: Mapping[str, str]) -> int:
     try:
         settings = Settings.from_environ(environ)
-        Policy.load(settings.policy_file)
+        Validator.from_policy(Policy.load(settings.policy_file).raw)
     except ConfigError as exc:
         return _config_failure(exc)
     configure_logging(settings.log_level)
@@ -142,6 +146,8 @@ def run_dev(*, port: int = 8080) -> int:
                 "SECRETS_POLICY_FILE": str(policy_file),
                 "SECRETS_PORT": str(port),
                 "SECRETS_LOG_LEVEL": "WARNING",
+                # Audit records go beside the servers' logs, not between the banner's lines.
+                "SECRETS_AUDIT_SINK": f"file:{workdir / 'audit.log'}",
             }
         )
         tokens = {persona: oidc.mint(persona) for persona in ("reader", "writer", "admin")}

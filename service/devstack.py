@@ -62,6 +62,7 @@ write = ["app/**"]
 [roles.admin]
 read = ["**"]
 write = ["**"]
+destroy = ["**"]
 """
 
 _POLL_INTERVAL = 0.05

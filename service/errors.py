@@ -12,7 +12,8 @@
     ├── InvalidSecret                 422 invalid_secret    (.violations)
     └── BackendUnavailable            503 backend_unavailable
         ├── VaultUnavailable              Vault unreachable, timing out or failing
-        └── VaultAccessDenied             Vault refused the service's own token (misconfiguration)
+        ├── VaultAccessDenied             Vault refused the service's own token (misconfiguration)
+        └── AuditUnavailable              no audit sink can record, and the op is fail-closed
 
 Dependency errors (hvac, nats, joserfc) are translated into these once, at the module that talks
 to the dependency. Messages name paths and versions, never secret values.
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
+    "AuditUnavailable",
     "BackendUnavailable",
     "ConfigError",
     "Forbidden",
@@ -153,3 +155,10 @@ class VaultUnavailable(BackendUnavailable):
 
 class VaultAccessDenied(BackendUnavailable):
     pass
+
+
+class AuditUnavailable(BackendUnavailable):
+    """Refused rather than served unaudited (SECRETS_AUDIT_FAIL_CLOSED)."""
+
+    def __init__(self, detail: str = "the audit log cannot record this request") -> None:
+        super().__init__(detail)

@@ -1,7 +1,8 @@
 """SecretsManager: reads through the cache, CAS writes to Vault, change events and listeners.
 
 It knows nothing of HTTP or NATS: the HTTP routes call it, an `EventSink` publishes what it
-writes, and the bus subscriber calls `apply_change` for changes made elsewhere.
+writes, and the bus subscriber calls `apply_change` (`apply_lifecycle` for deletions, undeletions
+and destructions) for changes made elsewhere.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -20,13 +21,21 @@ import anyio
 import msgspec
 from anyio import to_thread
 
-from schemas.api import SecretBody
-from schemas.events import ChangeEvent, SecretCreated, SecretUpdated
+from schemas.api import MAX_VERSIONS_PER_REQUEST, SecretBody, SecretMetadata
+from schemas.events import (
+    ChangeEvent,
+    LifecycleEvent,
+    SecretCreated,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretUndeleted,
+    SecretUpdated,
+)
 from service.cache import SecretCache
-from service.errors import InvalidRequest, InvalidSecret, NotFound, SecretsError
-from service.paths import validate_path
+from service.errors import InvalidRequest, InvalidSecret, NotFound, SecretsError, VersionConflict
+from service.paths import validate_path, validate_prefix
 from service.secret import Secret, SecretData
-from service.validation import validate_data
+from service.validation import Validator
 from service.vault import VaultBackend
 
 __all__ = ["EventSink", "Listener", "SecretsManager"]
@@ -37,6 +46,7 @@ Listener = Callable[[str, SecretData | None], Awaitable[None] | None]
 _encode = msgspec.json.Encoder().encode
 _KNOWN_MAX = 100_000  # paths whose newest version is remembered (about 100 bytes each)
 _REREADS = 3  # reads of a path that Vault answers with a version older than one announced
+_SEEN_MAX = 10_000  # lifecycle event ids remembered, so a replayed one is applied once
 
 
 class EventSink(Protocol):
@@ -56,6 +66,7 @@ class SecretsManager:
         instance_id: str | None = None,
         events: EventSink | None = None,
         listener_concurrency: int = 8,
+        validator: Validator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -73,7 +84,13 @@ class SecretsManager:
         # path -> the newest version this instance knows exists (its own writes and events).
         # Nothing older is ever cached or returned from a fresh read.
         self._known: OrderedDict[str, int] = OrderedDict()
+        # path -> versions known deleted or destroyed: never cached, whatever read lands late.
+        self._gone: OrderedDict[str, set[int]] = OrderedDict()
+        self._seen_lifecycle: OrderedDict[str, None] = OrderedDict()
         self.listener_errors = 0
+        # The built-in rules unless the policy's [validation] section says more.
+        self.validator = validator or Validator()
+        self.cas_conflicts = 0  # plain ints, read by the metrics collector at scrape time
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -93,11 +110,11 @@ class SecretsManager:
         if version is not None:
             secret = await self.backend.read(path, version)
             body = _document(secret)
-            if secret.version == version:
+            if secret.version == version and version not in self._gone.get(path, ()):
                 self.cache.put(secret, body, pinned=True)
             return secret, body
         secret = await self._load(path)
-        entry = self.cache.get(path, None, max_age)
+        entry = self.cache.get(path, None, max_age, count=False)
         if entry is not None and entry.secret.version == secret.version:
             return entry.secret, entry.body
         return secret, _document(secret)
@@ -129,8 +146,10 @@ class SecretsManager:
         return secret
 
     def _cache_latest(self, secret: Secret) -> None:
-        # A write or read that finishes after a newer version's event must not cache the older.
-        if secret.version >= self._known.get(secret.path, 0):
+        # A write or read that finishes after a newer version's event must not cache the older,
+        # nor one that finishes after its version was deleted.
+        path, version = secret.path, secret.version
+        if version >= self._known.get(path, 0) and version not in self._gone.get(path, ()):
             self.cache.put(secret, _document(secret))
 
     # -- writes --------------------------------------------------------------------------
@@ -145,10 +164,14 @@ class SecretsManager:
         validate_path(path)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequest("version must be an integer >= 0", path=path)
-        violations = validate_data(data)
+        violations = self.validator.validate(path, data)
         if violations:
             raise InvalidSecret(violations, path=path)
-        secret = await self.backend.write(path, data, version)
+        try:
+            secret = await self.backend.write(path, data, version)
+        except VersionConflict:
+            self.cas_conflicts += 1
+            raise
         newest = self._advance(path, secret.version)
         self._cache_latest(secret)
         self._announce(path, secret.version, actor)
@@ -171,6 +194,104 @@ class SecretsManager:
                 time=datetime.now(UTC).isoformat(timespec="microseconds"),
             )
         )
+
+    # -- version history and lifecycle -----------------------------------------------------
+
+    async def versions(self, path: str) -> SecretMetadata:
+        """The version history of `path`: current version, times, and each version's state.
+
+        Deleted and destroyed versions are listed too (a path whose every version is deleted
+        still has a history). Raises NotFound for a path never written. Never cached.
+        """
+        validate_path(path)
+        return await self.backend.read_metadata(path)
+
+    async def list_keys(self, prefix: str = "") -> list[str]:
+        """The keys right under `prefix` (``""``: the top); folders end in ``/``.
+
+        Unfiltered: code acting for a caller filters them by the caller's grants. Raises
+        NotFound when nothing is under `prefix`.
+        """
+        validate_prefix(prefix)
+        return await self.backend.list_keys(prefix)
+
+    async def delete(
+        self, path: str, versions: Iterable[int] | None = None, *, actor: str = "in-process"
+    ) -> tuple[int, ...]:
+        """Soft-delete `versions` of `path` (its current version when None); return them.
+
+        A deleted version reads as NotFound on every instance until undeleted. Deleting a
+        deleted or destroyed version changes nothing. NotFound for an unknown path or version.
+        """
+        validate_path(path)
+        wanted = None if versions is None else _version_list(path, versions)
+        meta = await self.backend.read_metadata(path)
+        # The current version is resolved here rather than by Vault's "delete latest", so the
+        # event names the exact version even if a write lands meanwhile.
+        targets = (meta.current_version,) if wanted is None else _existing(meta, wanted)
+        await self.backend.delete_versions(path, targets)
+        self._lifecycle(SecretDeleted, path, meta.current_version, targets, actor)
+        return targets
+
+    async def undelete(
+        self, path: str, versions: Iterable[int], *, actor: str = "in-process"
+    ) -> tuple[int, ...]:
+        """Restore soft-deleted `versions`; return them. NotFound for a destroyed one."""
+        validate_path(path)
+        wanted = _version_list(path, versions)
+        meta = await self.backend.read_metadata(path)
+        targets = _existing(meta, wanted, restorable=True)
+        await self.backend.undelete_versions(path, targets)
+        self._lifecycle(SecretUndeleted, path, meta.current_version, targets, actor)
+        return targets
+
+    async def destroy(
+        self, path: str, versions: Iterable[int], *, actor: str = "in-process"
+    ) -> tuple[int, ...]:
+        """Remove the data of `versions` for good; return them."""
+        validate_path(path)
+        wanted = _version_list(path, versions)
+        meta = await self.backend.read_metadata(path)
+        targets = _existing(meta, wanted)
+        await self.backend.destroy_versions(path, targets)
+        self._lifecycle(SecretDestroyed, path, meta.current_version, targets, actor)
+        return targets
+
+    async def rollback(
+        self, path: str, to_version: int, version: int, *, actor: str = "in-process"
+    ) -> Secret:
+        """Write version `to_version`'s data as the next version if the current is `version`.
+
+        NotFound if `to_version` does not exist or is deleted or destroyed; VersionConflict and
+        InvalidSecret as for `set`. Announced as an ordinary write (`secret.updated`).
+        """
+        validate_path(path)
+        if isinstance(to_version, bool) or not isinstance(to_version, int) or to_version < 1:
+            raise InvalidRequest("to_version must be a positive integer", path=path)
+        # Straight from Vault: a pinned copy may outlive a deletion made outside the service.
+        old = await self.backend.read(path, to_version)
+        return await self.set(path, old.data, version, actor=actor)
+
+    def _lifecycle(
+        self,
+        kind: type[SecretDeleted | SecretUndeleted | SecretDestroyed],
+        path: str,
+        current: int,
+        versions: tuple[int, ...],
+        actor: str,
+    ) -> None:
+        event = kind(
+            event_id=uuid.uuid4().hex,
+            path=path,
+            version=current,
+            versions=versions,
+            actor=actor,
+            instance_id=self.instance_id,
+            time=datetime.now(UTC).isoformat(timespec="microseconds"),
+        )
+        self._apply_lifecycle(event)
+        if self.events is not None:
+            self.events.publish(event)
 
     # -- changes made elsewhere ------------------------------------------------------------
 
@@ -198,6 +319,47 @@ class SecretsManager:
             value = None
         self._notify(path, value)
 
+    def apply_lifecycle(self, event: LifecycleEvent) -> None:
+        """Another instance (or Vault directly) deleted, undeleted or destroyed versions.
+
+        Deleted and destroyed versions are evicted before this returns (with no versions
+        named, every entry of the path); listeners then hear the value a read now returns.
+        """
+        if event.event_id in self._seen_lifecycle:
+            return  # replayed after a reconnect: already applied
+        self._seen_lifecycle[event.event_id] = None
+        if len(self._seen_lifecycle) > _SEEN_MAX:
+            self._seen_lifecycle.popitem(last=False)
+        self._apply_lifecycle(event)
+
+    def _apply_lifecycle(self, event: LifecycleEvent) -> None:
+        path, versions = event.path, set(event.versions)
+        self._advance(path, event.version)
+        # New readers must not join a read that may predate the change.
+        self._flights.pop(path, None)
+        self.cache.drop_latest(path)
+        gone = self._gone.pop(path, set())
+        if isinstance(event, SecretUndeleted):
+            changed = True
+            gone = gone - versions if versions else set()
+        else:
+            self.cache.drop_versions(path, frozenset(versions) if versions else None)
+            # Found again (a second watcher, a replay): listeners already heard of it.
+            changed = not versions or not versions <= gone
+            gone |= versions
+        if gone:
+            self._gone[path] = gone
+            if len(self._gone) > _KNOWN_MAX:
+                self._gone.popitem(last=False)
+        if not changed or not self._listeners:
+            return
+        if not isinstance(event, SecretUndeleted) and event.version in versions:
+            self._notify(path, None)  # the current version is gone: nothing to read
+            return
+        task = asyncio.get_running_loop().create_task(self._read_and_notify(path))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _advance(self, path: str, version: int) -> bool:
         """Record that `version` of `path` exists; True if it is newer than any known before.
 
@@ -214,26 +376,45 @@ class SecretsManager:
         return True
 
     async def check_versions(self, *, concurrency: int = 8) -> list[tuple[str, int]]:
-        """Find writes made straight to Vault: compare every cached path with its metadata.
+        """Find changes made straight to Vault: compare every cached path with its metadata.
 
         A newer version is handled like an event (evict, notify listeners) and announced on
-        the bus for the other instances. Returns the (path, version) pairs found.
+        the bus for the other instances; so is a cached version (latest or pinned) found
+        deleted or destroyed. Returns the (path, newer version) pairs found.
         """
         gate = asyncio.Semaphore(concurrency)
         found: list[tuple[str, int]] = []
+        latest = dict(self.cache.latest_paths())
 
-        async def check(path: str, cached: int) -> None:
+        async def check(path: str, held: set[int]) -> None:
+            meta: SecretMetadata | None
             async with gate:
                 try:
-                    current = await self.backend.current_version(path)
+                    meta = await self.backend.read_metadata(path)
+                except NotFound:
+                    meta = None  # the whole history was removed: every version is gone
                 except SecretsError:
                     return  # Vault trouble: the next round tries again, the TTL still bounds
-            if current > cached:
+            current = 0 if meta is None else meta.current_version
+            cached = latest.get(path)
+            if cached is not None and current > cached:
                 found.append((path, current))
                 self.apply_change(path, current)
                 self._announce(path, current, "vault-direct")
+            deleted: list[int] = []
+            destroyed: list[int] = []
+            for version in sorted(held):
+                info = None if meta is None else meta.version(version)
+                if info is None or info.destroyed:
+                    destroyed.append(version)  # pruned by max_versions counts as destroyed
+                elif info.deleted:
+                    deleted.append(version)
+            if deleted:
+                self._lifecycle(SecretDeleted, path, current, tuple(deleted), "vault-direct")
+            if destroyed:
+                self._lifecycle(SecretDestroyed, path, current, tuple(destroyed), "vault-direct")
 
-        await asyncio.gather(*(check(p, v) for p, v in self.cache.latest_paths()))
+        await asyncio.gather(*(check(p, v) for p, v in self.cache.cached_versions().items()))
         if found:
             log.info("writes made outside the service found", extra={"count": len(found)})
         return found
@@ -301,6 +482,35 @@ class SecretsManager:
             _, pending = await asyncio.wait(set(self._tasks), timeout=2.0)
             for task in pending:
                 task.cancel()
+
+
+def _version_list(path: str, versions: Iterable[int]) -> tuple[int, ...]:
+    """`versions` checked (1 to 100 positive integers), sorted and without duplicates."""
+    if isinstance(versions, str | bytes):
+        raise InvalidRequest("versions must be a list of positive integers", path=path)
+    checked = tuple(versions)
+    for version in checked:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidRequest("versions must be positive integers", path=path)
+    if not 1 <= len(checked) <= MAX_VERSIONS_PER_REQUEST:
+        raise InvalidRequest(
+            f"give 1 to {MAX_VERSIONS_PER_REQUEST} versions, not {len(checked)}", path=path
+        )
+    return tuple(sorted(set(checked)))
+
+
+def _existing(
+    meta: SecretMetadata, versions: tuple[int, ...], *, restorable: bool = False
+) -> tuple[int, ...]:
+    """`versions`, each known to `meta`, else NotFound (with `restorable`: not destroyed)."""
+    path = meta.path
+    for version in versions:
+        info = meta.version(version)
+        if info is None:
+            raise NotFound(f"no version {version}", path=path)
+        if restorable and info.destroyed:
+            raise NotFound(f"version {version} is destroyed: it cannot be undeleted", path=path)
+    return versions
 
 
 def _document(secret: Secret) -> bytes:

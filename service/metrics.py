@@ -1,12 +1,53 @@
-"""Prometheus metrics. Every label value comes from a closed set: never a path or a subject."""
+"""Prometheus metrics. Every label value comes from a closed set: never a path or a subject.
+
+Series moved on a request (operations, latency, Vault calls, event lag, auth failures) are
+prometheus-client objects. Counters bumped on the hot path of other modules (cache hits and
+misses, events, listener errors, CAS conflicts, validation failures, audit records) stay plain
+ints where they happen and are read by `_StateCollector` at scrape time.
+
+    secrets_operations_total{op,outcome}         secrets_operation_seconds{op}
+    secrets_auth_failures_total{reason}          secrets_validation_failures_total{rule}
+    secrets_cache_hits_total / _misses_total / _evictions_total, secrets_cache_entries
+    secrets_cas_conflicts_total                  secrets_listener_errors_total
+    secrets_vault_request_seconds{op}            secrets_vault_errors_total{op,error}
+    secrets_events_published_total               secrets_events_received_total
+    secrets_events_failed_total{stage}           secrets_event_lag_seconds
+    secrets_audit_records_total{sink,result}     secrets_audit_dropped_total
+    secrets_audit_refused_total                  secrets_audit_healthy
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from events.bus import EventBus
+    from service.audit import AuditLog
+    from service.manager import SecretsManager
+
+__all__ = ["OPS", "OUTCOMES", "VAULT_ERRORS", "VAULT_OPS", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+OPS = frozenset(
+    {"read", "write", "list", "versions", "delete", "undelete", "destroy", "rollback", "other"}
+)
+OUTCOMES = frozenset(
+    {
+        "ok", "invalid", "unauthenticated", "forbidden", "not_found", "conflict", "too_large",
+        "invalid_secret", "unavailable", "error",
+    }
+)  # fmt: skip
+VAULT_OPS = frozenset(
+    {"login", "read", "write", "metadata", "list", "delete", "undelete", "destroy", "ping", "other"}
+)
+VAULT_ERRORS = frozenset({"timeout", "denied", "unavailable"})
 
 
 class Metrics:
@@ -27,4 +68,125 @@ class Metrics:
             "secrets_auth_failures_total", "Authentication failures by reason", ["reason"],
             registry=r,
         )  # fmt: skip
-        self.cache_size = Gauge("secrets_cache_entries", "Entries in the cache", registry=r)
+        self.vault_latency = Histogram(
+            "secrets_vault_request_seconds", "Vault call latency by op", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.vault_errors = Counter(
+            "secrets_vault_errors_total", "Failed Vault calls by op and error", ["op", "error"],
+            registry=r,
+        )  # fmt: skip
+        self.event_lag = Histogram(
+            "secrets_event_lag_seconds", "From a change event's time to its receipt here",
+            buckets=_LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Children looked up once: a request pays a dict lookup, not a labels() call.
+        self._op_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._collector: _StateCollector | None = None
+
+    def observe_operation(self, op: str, outcome: str, seconds: float) -> None:
+        key = (op, outcome)
+        children = self._op_children.get(key)
+        if children is None:
+            op = op if op in OPS else "other"
+            outcome = outcome if outcome in OUTCOMES else "error"
+            children = (self.operations.labels(op, outcome), self.latency.labels(op))
+            self._op_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_vault(self, op: str, seconds: float, error: str | None) -> None:
+        """A `service.vault.CallObserver`."""
+        op = op if op in VAULT_OPS else "other"
+        self.vault_latency.labels(op).observe(seconds)
+        if error is not None:
+            self.vault_errors.labels(op, error if error in VAULT_ERRORS else "unavailable").inc()
+
+    def bind(
+        self,
+        *,
+        manager: SecretsManager,
+        bus: EventBus | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
+        """Read the plain counters of these objects at each scrape (once per app)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = _StateCollector(manager, bus, audit)
+        self.registry.register(self._collector)
+        if bus is not None:
+            bus.lag_observer = self.event_lag.observe
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, manager: SecretsManager, bus: EventBus | None, audit: AuditLog | None
+    ) -> None:
+        self.manager = manager
+        self.bus = bus
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.manager.cache
+        yield _counter("secrets_cache_hits", "Reads served from the cache", cache.hits)
+        yield _counter("secrets_cache_misses", "Reads the cache could not serve", cache.misses)
+        yield _counter("secrets_cache_evictions", "Entries dropped from the cache", cache.evictions)
+        yield GaugeMetricFamily("secrets_cache_entries", "Entries in the cache", len(cache))
+        yield _counter(
+            "secrets_cas_conflicts", "Writes refused: stale version", self.manager.cas_conflicts
+        )
+        yield _counter(
+            "secrets_listener_errors",
+            "Listener callbacks that raised",
+            self.manager.listener_errors,
+        )
+        yield _labelled(
+            "secrets_validation_failures",
+            "Validation violations by rule",
+            "rule",
+            self.manager.validator.failures,
+        )
+        if self.bus is not None:
+            bus = self.bus
+            yield _counter("secrets_events_published", "Change events published", bus.published)
+            yield _counter("secrets_events_received", "Change events received", bus.received)
+            yield _labelled(
+                "secrets_events_failed",
+                "Change events that could not be published or decoded",
+                "stage",
+                {"publish": bus.publish_failures, "decode": bus.decode_errors},
+            )
+        if self.audit is not None:
+            audit = self.audit
+            family = CounterMetricFamily(
+                "secrets_audit_records",
+                "Audit records by sink and result",
+                labels=["sink", "result"],
+            )
+            for sink, count in list(audit.written.items()):
+                family.add_metric([sink, "written"], count)
+            for sink, count in list(audit.failed.items()):
+                family.add_metric([sink, "failed"], count)
+            yield family
+            yield _counter(
+                "secrets_audit_dropped", "Audit records dropped: queue full", audit.dropped
+            )
+            yield _counter(
+                "secrets_audit_refused", "Requests refused: no audit sink working", audit.refused
+            )
+            yield GaugeMetricFamily(
+                "secrets_audit_healthy", "1 while an audit sink is working", int(audit.healthy)
+            )
+
+
+def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled(
+    name: str, documentation: str, label: str, values: Mapping[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in list(values.items()):
+        family.add_metric([key], value)
+    return family

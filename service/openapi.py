@@ -10,7 +10,12 @@ from schemas.api import (
     ConflictError,
     ErrorBody,
     InvalidSecretError,
+    KeyList,
+    LifecycleResponse,
+    RollbackRequest,
     SecretBody,
+    SecretMetadata,
+    VersionsRequest,
     WriteRequest,
     WriteResponse,
 )
@@ -55,6 +60,7 @@ _COMMON_ERRORS = {
 def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     structs = [SecretBody, WriteRequest, WriteResponse, ErrorBody, ConflictError]
     structs.append(InvalidSecretError)
+    structs += [SecretMetadata, KeyList, VersionsRequest, RollbackRequest, LifecycleResponse]
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
     no_store = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
     paths: dict[str, Any] = {
@@ -97,7 +103,9 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                     "422": _json(InvalidSecretError, "invalid_secret"),
                 },
             },
+            "delete": _delete_operation(),
         },
+        **_lifecycle_paths(),
         "/healthz": {"get": _plain("alive", "Liveness")},
         "/readyz": {"get": _plain("ready: Vault and NATS answer (else 503)", "Readiness")},
         "/metrics": {"get": _plain("Prometheus text exposition", "Metrics", "text/plain")},
@@ -114,6 +122,120 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             },
         },
     }
+
+
+_PREFIX_PARAM = {
+    **_PATH_PARAM,
+    "name": "prefix",
+    "description": "A path whose keys to list; /secrets:list lists the top of the tree",
+}
+_NOT_FOUND = _error("not_found (only to a caller allowed to read the path)")
+_METHOD_NOT_ALLOWED = {
+    **_error("method_not_allowed: this path or verb takes another HTTP method"),
+    "headers": {"Allow": {"schema": {"type": "string"}}},
+}
+
+
+def _operation(
+    operation_id: str,
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    body: type | None = None,
+    errors: dict[str, Any] | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": ok,
+            **_COMMON_ERRORS,
+            "404": _NOT_FOUND,
+            "405": _METHOD_NOT_ALLOWED,
+            **(errors or {}),
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if parameters:
+        op["parameters"] = parameters
+    return op
+
+
+def _lifecycle_paths() -> dict[str, Any]:
+    """Version history and lifecycle: DELETE on the secret and the AIP-136 custom methods."""
+    list_op = _operation(
+        "listSecrets",
+        "Keys right under a prefix that the caller may read at or below; folders end in '/' "
+        "(secrets:read on some path below the prefix, else 403)",
+        _json(KeyList, "The visible keys"),
+    )
+    return {
+        "/secrets/{path}:versions": {
+            "parameters": [_PATH_PARAM],
+            "get": _operation(
+                "listSecretVersions",
+                "Version history: current version, times, each version's state (secrets:read)",
+                _json(SecretMetadata, "The version history"),
+            ),
+        },
+        "/secrets/{prefix}:list": {"parameters": [_PREFIX_PARAM], "get": list_op},
+        "/secrets:list": {"get": {**list_op, "operationId": "listTopSecrets"}},
+        "/secrets/{path}:undelete": {
+            "parameters": [_PATH_PARAM],
+            "post": _operation(
+                "undeleteSecretVersions",
+                "Restore soft-deleted versions (secrets:write); a destroyed one is 404",
+                _json(LifecycleResponse, "The versions restored"),
+                body=VersionsRequest,
+            ),
+        },
+        "/secrets/{path}:destroy": {
+            "parameters": [_PATH_PARAM],
+            "post": _operation(
+                "destroySecretVersions",
+                "Remove the data of versions for good (secrets:destroy)",
+                _json(LifecycleResponse, "The versions destroyed"),
+                body=VersionsRequest,
+            ),
+        },
+        "/secrets/{path}:rollback": {
+            "parameters": [_PATH_PARAM],
+            "post": _operation(
+                "rollbackSecret",
+                "Write an earlier version's data as the next version if the current version "
+                "matches (CAS; secrets:write). A deleted or destroyed to_version is 404",
+                _json(WriteResponse, "Written"),
+                body=RollbackRequest,
+                errors={
+                    "409": _json(ConflictError, "version_conflict"),
+                    "422": _json(InvalidSecretError, "invalid_secret"),
+                },
+            ),
+        },
+    }
+
+
+def _delete_operation() -> dict[str, Any]:
+    return _operation(
+        "deleteSecretVersions",
+        "Soft-delete the current version, or those in ?versions=1,2 (secrets:write)",
+        _json(LifecycleResponse, "The versions deleted"),
+        parameters=[
+            {
+                "name": "versions",
+                "in": "query",
+                "required": False,
+                "description": "Comma-separated versions to delete (default: the current one)",
+                "schema": {"type": "string", "pattern": "^[1-9][0-9]*(,[1-9][0-9]*)*$"},
+            }
+        ],
+    )
 
 
 def _plain(description: str, summary: str, media: str = "application/json") -> dict[str, Any]:

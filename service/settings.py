@@ -52,6 +52,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_max_entries: int = 10000
     max_body_bytes: int = 65536
     log_level: str = "INFO"
+    audit_sink: str = "stdout"  # "stdout" | "file:<path>" | "none"
+    audit_fail_closed: str = "writes"  # "writes" | "all" | "none"
+    metrics_port: int = 0  # 0: /metrics on the main port
+    metrics_role: str | None = None  # a role a bearer token must hold to read /metrics
     instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __repr__(self) -> str:
@@ -124,12 +128,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "cache_max_entries": _int_between(0, 10_000_000),
             "max_body_bytes": _int_between(1024, 64 * 1024 * 1024),
             "log_level": _log_level,
+            "audit_sink": _audit_sink,
+            "audit_fail_closed": _one_of("writes", "all", "none"),
+            "metrics_port": _int_between(0, 65535),
+            "metrics_role": _nonempty,
             "instance_id": _subject_token,
         }
         for name, parse in optional.items():
             value = r.get("SECRETS_" + name.upper(), parse)
             if value is not None:
                 kwargs[name] = value
+        metrics_port = kwargs.get("metrics_port", 0)
+        if metrics_port and metrics_port == kwargs.get("port", 8080):
+            raise ConfigError("SECRETS_METRICS_PORT", "must differ from SECRETS_PORT (0: share it)")
         return cls(**kwargs)
 
 
@@ -253,6 +264,25 @@ def _algorithms(v: Any) -> tuple[str, ...]:
     if bad or not algs:
         raise ValueError(f"only asymmetric algorithms are allowed ({', '.join(allowed)})")
     return algs
+
+
+def _audit_sink(v: Any) -> str:
+    s = _nonempty(v)
+    if s in ("stdout", "none"):
+        return s
+    if s.startswith("file:") and s[5:].strip():
+        return "file:" + s[5:].strip()
+    raise ValueError(f"must be stdout, none or file:<path>, got {s!r}")
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = str(v).strip().lower()
+        if s not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
+        return s
+
+    return parse
 
 
 def _log_level(v: Any) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -17,6 +19,7 @@ import hvac.exceptions as hvac_errors
 import requests
 from anyio import to_thread
 
+from schemas.api import SecretMetadata, VersionMetadata
 from service.errors import (
     NotFound,
     SecretsError,
@@ -26,10 +29,13 @@ from service.errors import (
 )
 from service.secret import Secret, SecretData
 
-__all__ = ["HvacBackend", "VaultBackend"]
+__all__ = ["CallObserver", "HvacBackend", "VaultBackend", "metadata_from_vault"]
 
 log = logging.getLogger("secrets.vault")
 T = TypeVar("T")
+
+CallObserver = Callable[[str, float, "str | None"], None]
+"""Told of each Vault call: op, seconds, and None or the error (timeout, denied, unavailable)."""
 
 
 class VaultBackend(Protocol):
@@ -43,6 +49,27 @@ class VaultBackend(Protocol):
 
     async def current_version(self, path: str) -> int:
         """The metadata's current_version; 0 when the path has never been written."""
+        ...
+
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        """The version history of `path`; NotFound when it has none."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys right under `prefix` (``""``: the top), folders ending in '/'; NotFound if
+        there are none."""
+        ...
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        """Soft-delete `versions`: unreadable until undeleted. Unknown versions are ignored."""
+        ...
+
+    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
+        """Restore soft-deleted `versions`. Destroyed or unknown versions are ignored."""
+        ...
+
+    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
+        """Remove the data of `versions` for good. Unknown versions are ignored."""
         ...
 
     async def ping(self) -> None:
@@ -65,7 +92,9 @@ class HvacBackend:
         mount: str = "secret",
         timeout: float = 5.0,
         concurrency: int = 32,
+        observer: CallObserver | None = None,
     ) -> None:
+        self.observer = observer
         session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
         session.mount("http://", adapter)
@@ -134,6 +163,46 @@ class HvacBackend:
             return 0
         return int(response["data"]["current_version"])
 
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        def call() -> Any:
+            return self._kv.read_secret_metadata(path, mount_point=self._mount)
+
+        return metadata_from_vault(path, (await self._call("metadata", path, call))["data"])
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        def call() -> Any:
+            return self._kv.list_secrets(prefix, mount_point=self._mount)
+
+        try:
+            response = await self._call("list", prefix, call)
+        except NotFound:
+            raise NotFound("nothing under this prefix", path=prefix) from None
+        return [str(key) for key in response["data"]["keys"]]
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        def call() -> Any:
+            return self._kv.delete_secret_versions(
+                path, versions=list(versions), mount_point=self._mount
+            )
+
+        await self._call("delete", path, call)
+
+    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
+        def call() -> Any:
+            return self._kv.undelete_secret_versions(
+                path, versions=list(versions), mount_point=self._mount
+            )
+
+        await self._call("undelete", path, call)
+
+    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
+        def call() -> Any:
+            return self._kv.destroy_secret_versions(
+                path, versions=list(versions), mount_point=self._mount
+            )
+
+        await self._call("destroy", path, call)
+
     async def ping(self) -> None:
         await self._call("ping", "", self._client.auth.token.lookup_self)
 
@@ -152,6 +221,8 @@ class HvacBackend:
 
     async def _run(self, op: str, path: str, fn: Callable[[], T]) -> T:
         """Run one hvac call in a worker thread, with a deadline, and map its errors."""
+        started = time.perf_counter()
+        error: str | None = None
         try:
             # The deadline also covers waiting for a free worker while Vault hangs.
             with anyio.fail_after(self._timeout * 2 + 1):
@@ -161,8 +232,52 @@ class HvacBackend:
                     abandon_on_cancel=True,
                 )
         except TimeoutError:
+            error = "timeout"
             log.error("vault call timed out", extra={"op": op, "path": path})
             raise VaultUnavailable("the secrets backend timed out", path=path) from None
+        except VaultAccessDenied:
+            error = "denied"
+            raise
+        except VaultUnavailable:
+            error = "unavailable"
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer(op, time.perf_counter() - started, error)
+
+
+def metadata_from_vault(
+    path: str, data: Mapping[str, Any], now: datetime | None = None
+) -> SecretMetadata:
+    """A KV v2 metadata answer's ``data`` as a SecretMetadata, versions oldest first."""
+    moment = now or datetime.now(UTC)
+    versions = []
+    for number, entry in sorted(data.get("versions", {}).items(), key=lambda kv: int(kv[0])):
+        deletion_time = str(entry.get("deletion_time") or "") or None
+        versions.append(
+            VersionMetadata(
+                version=int(number),
+                created_time=str(entry["created_time"]),
+                deletion_time=deletion_time,
+                deleted=deletion_time is not None and _not_after(deletion_time, moment),
+                destroyed=bool(entry.get("destroyed", False)),
+            )
+        )
+    return SecretMetadata(
+        path=path,
+        current_version=int(data["current_version"]),
+        created_time=str(data["created_time"]),
+        updated_time=str(data["updated_time"]),
+        versions=tuple(versions),
+    )
+
+
+def _not_after(timestamp: str, moment: datetime) -> bool:
+    # A deletion time in the future is one scheduled by delete_version_after: not deleted yet.
+    try:
+        return datetime.fromisoformat(timestamp) <= moment
+    except ValueError:
+        return True  # unparseable: take Vault's word that it is deleted
 
 
 def _mapped(op: str, path: str, fn: Callable[[], T]) -> T:
@@ -179,7 +294,9 @@ def _mapped(op: str, path: str, fn: Callable[[], T]) -> T:
     except (hvac_errors.Forbidden, hvac_errors.Unauthorized):
         log.error(
             "vault refused the service's token: check SECRETS_VAULT_TOKEN and its policy "
-            "(it needs read, create, update on <mount>/data/* and read on <mount>/metadata/*)",
+            "(it needs read, create, update on <mount>/data/*, read and list on "
+            "<mount>/metadata/*, update on <mount>/delete/*, <mount>/undelete/* and "
+            "<mount>/destroy/*)",
             extra={"op": op, "path": path},
         )
         raise VaultAccessDenied("the secrets backend is unavailable", path=path) from None

@@ -9,10 +9,11 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.api import SecretMetadata, VersionMetadata
 from schemas.events import ChangeEvent
 from service.errors import NotFound, VaultUnavailable, VersionConflict
 from service.secret import Secret, SecretData
@@ -30,6 +31,10 @@ class FakeVault:
     A read takes its snapshot when called, then waits `delay` seconds: Vault has answered and the
     response is on its way, which is the window where a change event can overtake it.
     `calls["read"]` etc. count every call, including failed ones.
+
+    Versions can be soft-deleted, undeleted and destroyed as in KV v2: reading one that is
+    deleted or destroyed (or the latest, when it is) raises NotFound; unknown versions are
+    passed over silently, as Vault does.
     """
 
     def __init__(self, *, delay: float = 0.0, write_delay: float = 0.0) -> None:
@@ -39,6 +44,9 @@ class FakeVault:
         self.closed = False
         self._versions: dict[str, list[Secret]] = {}
         self._failures = 0
+        # KV v2 lifecycle: path -> {version: deletion time}, path -> destroyed versions.
+        self._deleted: dict[str, dict[int, str]] = {}
+        self._destroyed: dict[str, set[int]] = {}
 
     # -- test hooks --------------------------------------------------------------------------
 
@@ -63,12 +71,16 @@ class FakeVault:
         self.calls["read"] += 1
         failing = self._take_failure()
         versions = list(self._versions.get(path, ()))
+        gone = set(self._deleted.get(path, {})) | self._destroyed.get(path, set())
         if self.delay:
             await asyncio.sleep(self.delay)
         if failing:  # after the delay, as a timeout would: concurrent readers share it
             raise VaultUnavailable("the secrets backend is unavailable", path=path)
         if not versions:
             raise NotFound("no secret at this path", path=path)
+        number = len(versions) if version is None else version
+        if number in gone:
+            raise NotFound("no secret at this path", path=path)  # as raise_on_deleted_version
         if version is None:
             return versions[-1]
         if not 1 <= version <= len(versions):
@@ -92,6 +104,66 @@ class FakeVault:
     async def current_version(self, path: str) -> int:
         self._enter("current_version")
         return self.current(path)
+
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        self._enter("read_metadata")
+        versions = self._versions.get(path)
+        if not versions:
+            raise NotFound("no secret at this path", path=path)
+        deleted = self._deleted.get(path, {})
+        destroyed = self._destroyed.get(path, set())
+        return SecretMetadata(
+            path=path,
+            current_version=len(versions),
+            created_time=versions[0].created_time,
+            updated_time=versions[-1].created_time,
+            versions=tuple(
+                VersionMetadata(
+                    version=s.version,
+                    created_time=s.created_time,
+                    deletion_time=deleted.get(s.version),
+                    deleted=s.version in deleted,
+                    destroyed=s.version in destroyed,
+                )
+                for s in versions
+            ),
+        )
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        self._enter("list_keys")
+        keys: set[str] = set()
+        for path in self._versions:
+            if prefix and not path.startswith(prefix + "/"):
+                continue
+            rest = path[len(prefix) + 1 :] if prefix else path
+            head, slash, _ = rest.partition("/")
+            keys.add(head + slash)
+        if not keys:
+            raise NotFound("nothing under this prefix", path=prefix)
+        return sorted(keys)
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        """KV v2: unknown, deleted and destroyed versions are passed over silently."""
+        self._enter("delete_versions")
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        deleted = self._deleted.setdefault(path, {})
+        for version in self._known_versions(path, versions):
+            if version not in self._destroyed.get(path, ()):
+                deleted.setdefault(version, now)
+
+    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self._enter("undelete_versions")
+        for version in versions:
+            self._deleted.get(path, {}).pop(version, None)
+
+    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
+        self._enter("destroy_versions")
+        for version in self._known_versions(path, versions):
+            self._destroyed.setdefault(path, set()).add(version)
+            self._deleted.get(path, {}).pop(version, None)
+
+    def _known_versions(self, path: str, versions: Sequence[int]) -> list[int]:
+        return [v for v in versions if 1 <= v <= self.current(path)]
 
     async def ping(self) -> None:
         self._enter("ping")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from events.bus import EventBus
 from service.app import create_app
 from service.devstack import DEV_POLICY_TOML, free_port
 from service.logs import JsonFormatter
@@ -37,6 +38,8 @@ def service_settings(
         "SECRETS_OIDC_AUDIENCE": oidc.audience,
         "SECRETS_POLICY_FILE": str(policy_file),
         "SECRETS_PORT": str(free_port()),
+        # Beside the policy, not on stdout, where pytest would show lines written between tests.
+        "SECRETS_AUDIT_SINK": f"file:{policy_file.parent / 'audit.log'}",
     }
     environ.update({f"SECRETS_{k.upper()}": v for k, v in overrides.items()})
     return Settings.from_environ(environ)
@@ -60,10 +63,10 @@ class RunningService:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    settings: Settings, *, backend: VaultBackend | None = None
+    settings: Settings, *, backend: VaultBackend | None = None, bus: EventBus | None = None
 ) -> AsyncIterator[RunningService]:
     """Serve the app on settings.port until the block ends; fail fast if startup fails."""
-    app = create_app(settings, backend=backend)
+    app = create_app(settings, backend=backend, bus=bus)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
     )
@@ -114,3 +117,14 @@ def bearer(token: str) -> Mapping[str, str]:
 
 async def get_json(client: httpx.AsyncClient, url: str, token: str) -> httpx.Response:
     return await client.get(url, headers=bearer(token))
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 if absent): `name` is the sample's name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -139,3 +139,14 @@ def test_a_missing_command_is_a_usage_error() -> None:
     result = run([sys.executable, "-m", "service"], {})
     assert result.returncode == 2
     assert "usage: secrets-service" in result.stderr
+
+
+def test_serve_with_a_wrong_validation_rule_exits_2_naming_the_policy_and_the_key(
+    settings: dict[str, str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "bad-validation.toml"
+    policy.write_text(POLICY + '\n[[validation.rules]]\npaths = ["app/**"]\nmin_lenght = 3\n')
+    settings["SECRETS_POLICY_FILE"] = str(policy)
+    result = serve(settings)
+    assert_one_line_naming(result, "SECRETS_POLICY_FILE")
+    assert "validation.rules[0].min_lenght" in result.stderr

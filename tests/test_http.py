@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from schemas.api import SecretMetadata
 from service.errors import NotFound
 from service.secret import Secret
 from service.vault import HvacBackend
@@ -42,6 +43,26 @@ class SpyBackend:
     async def current_version(self, path: str) -> int:
         self.paths.append(path)
         return await self.inner.current_version(path)
+
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        self.paths.append(path)
+        return await self.inner.read_metadata(path)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        self.paths.append(prefix)
+        return await self.inner.list_keys(prefix)
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.delete_versions(path, versions)
+
+    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.undelete_versions(path, versions)
+
+    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.destroy_versions(path, versions)
 
     async def ping(self) -> None:
         await self.inner.ping()

@@ -307,3 +307,51 @@ def test_nothing_is_read_from_os_environ() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_environ({})
     assert info.value.setting == "SECRETS_VAULT_ADDR"
+
+
+# -- audit and metrics ------------------------------------------------------------------------
+
+
+def test_audit_and_metrics_defaults_are_stdout_fail_closed_writes_and_the_main_port() -> None:
+    settings = Settings.from_environ(REQUIRED)
+    assert settings.audit_sink == "stdout"
+    assert settings.audit_fail_closed == "writes"
+    assert settings.metrics_port == 0
+    assert settings.metrics_role is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [("stdout", "stdout"), ("none", "none"), ("file:/var/log/a.log", "file:/var/log/a.log")],
+)
+def test_the_audit_sink_is_stdout_none_or_a_file(raw: str, parsed: str) -> None:
+    assert Settings.from_environ(environ(audit_sink=raw)).audit_sink == parsed
+
+
+@pytest.mark.parametrize("raw", ["file:", "file:  ", "syslog", "/var/log/a.log"])
+def test_a_wrong_audit_sink_names_the_setting(raw: str) -> None:
+    assert config_error(environ(audit_sink=raw)).setting == "SECRETS_AUDIT_SINK"
+
+
+@pytest.mark.parametrize("mode", ["writes", "all", "none", "ALL"])
+def test_audit_fail_closed_takes_writes_all_or_none(mode: str) -> None:
+    assert Settings.from_environ(environ(audit_fail_closed=mode)).audit_fail_closed == mode.lower()
+
+
+def test_a_wrong_fail_closed_mode_names_the_setting() -> None:
+    assert config_error(environ(audit_fail_closed="reads")).setting == "SECRETS_AUDIT_FAIL_CLOSED"
+
+
+def test_metrics_port_and_role_are_read() -> None:
+    settings = Settings.from_environ(environ(metrics_port="9100", metrics_role="monitoring"))
+    assert (settings.metrics_port, settings.metrics_role) == (9100, "monitoring")
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "x"])
+def test_a_wrong_metrics_port_names_the_setting(port: str) -> None:
+    assert config_error(environ(metrics_port=port)).setting == "SECRETS_METRICS_PORT"
+
+
+def test_the_metrics_port_must_differ_from_the_service_port() -> None:
+    error = config_error(environ(port="9000", metrics_port="9000"))
+    assert error.setting == "SECRETS_METRICS_PORT"

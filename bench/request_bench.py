@@ -1,0 +1,158 @@
+"""Per-request cost of the service itself on a cached read (issue: audit, metrics, logging).
+
+Starts a real OpenBao, nats-server and OpenBao's OIDC issuer, builds the app with
+`create_app`, runs its lifespan, then calls the ASGI app directly (no socket, no HTTP parser)
+with `GET /secrets/app/bench` and a reader's token: every call is a token-cache hit and a secret
+cache hit, so what is timed is middleware (request id, audit record, metrics, log line), auth,
+policy, the manager's cache and the response. The log line is formatted and written to
+/dev/null at INFO, as in production.
+
+Run it against two trees to compare, e.g. the commit before a change:
+
+    .venv/bin/python bench/request_bench.py --label after
+    git archive HEAD | tar -x -C /tmp/before && cp bench/request_bench.py /tmp/before/bench/
+    .venv/bin/python /tmp/before/bench/request_bench.py --label before
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from service.app import create_app  # noqa: E402
+from service.devstack import (  # noqa: E402
+    DEV_POLICY_TOML,
+    NatsServer,
+    OpenBaoServer,
+    configure_oidc,
+)
+from service.logs import configure_logging  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(calls: int, environ: dict[str, str]) -> dict[str, float]:
+    app = create_app(Settings.from_environ(environ))
+    token = environ["BENCH_TOKEN"]
+    async with app.router.lifespan_context(app) as state:
+        scope_base: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/secrets/app/bench",
+            "raw_path": b"/secrets/app/bench",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"bench"), (b"authorization", f"Bearer {token}".encode())],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8080),
+        }
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def one() -> None:
+            await app({**scope_base, "state": dict(state or {})}, receive, send)
+            # A served request waits on its socket; here the loop gets the same one turn, so
+            # background tasks (the audit writer) run as they would under uvicorn.
+            await asyncio.sleep(0)
+
+        for _ in range(500):  # warm: token cache, secret cache, label children
+            await one()
+        assert set(statuses) == {200}, set(statuses)
+        per_call: list[float] = []
+        batch = 100
+        for _ in range(calls // batch):
+            started = time.perf_counter_ns()
+            for _ in range(batch):
+                await one()
+            per_call.append((time.perf_counter_ns() - started) / batch / 1000)
+        assert set(statuses) == {200}
+        await asyncio.sleep(0.2)  # let the audit writer drain before the lifespan ends
+    return {
+        "us_per_request_median": round(statistics.median(per_call), 2),
+        "us_per_request_p10": round(pct(per_call, 0.10), 2),
+        "us_per_request_p90": round(pct(per_call, 0.90), 2),
+        "batches": len(per_call),
+        "batch_size": batch,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--label", default="current tree")
+    parser.add_argument("--audit-sink", default=None, help="SECRETS_AUDIT_SINK (default: a file)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="request-bench-"))
+    policy = workdir / "policy.toml"
+    policy.write_text(DEV_POLICY_TOML)
+    with OpenBaoServer() as bao, NatsServer(store_dir=workdir / "js") as nats:
+        oidc = configure_oidc(bao.addr, bao.root_token)
+        httpx.post(
+            f"{bao.addr}/v1/secret/data/app/bench",
+            json={"data": {"username": "app", "password": "bench-Xq7!kP2#vR9"}},
+            headers={"X-Vault-Token": bao.root_token},
+        ).raise_for_status()
+        environ = {
+            "SECRETS_VAULT_ADDR": bao.addr,
+            "SECRETS_VAULT_TOKEN": bao.root_token,
+            "SECRETS_NATS_URL": nats.url,
+            "SECRETS_OIDC_ISSUER": oidc.issuer,
+            "SECRETS_OIDC_AUDIENCE": oidc.audience,
+            "SECRETS_POLICY_FILE": str(policy),
+            "SECRETS_AUDIT_SINK": args.audit_sink or f"file:{workdir / 'audit.log'}",
+            "SECRETS_VAULT_POLL_INTERVAL": "0",
+            "BENCH_TOKEN": oidc.mint("reader"),
+        }
+        with open(os.devnull, "w") as devnull:
+            configure_logging("INFO", devnull)
+            result = asyncio.run(run(args.calls, environ))
+            logging.getLogger().handlers.clear()
+    audit = workdir / "audit.log"
+    audit_lines = len(audit.read_bytes().splitlines()) if audit.exists() else None
+    shutil.rmtree(workdir, ignore_errors=True)
+    out = {
+        "label": args.label,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "audit_sink": environ["SECRETS_AUDIT_SINK"].replace(str(workdir), "<tmp>"),
+        "audit_lines": audit_lines,
+        **result,
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
