@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint typecheck bench-cache clean
+.PHONY: install dev test lint typecheck bench bench-cache reliability soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,24 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+# Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500
+# schemathesis examples); measured figures go to bench/results/reliability.jsonl.
+RELIABILITY_TESTS := tests/test_reliability_cluster.py tests/test_reliability_faults.py \
+	tests/test_hostile_tokens.py tests/test_hostile_input.py tests/test_schemathesis.py
+reliability: $(STAMP)
+	rm -f bench/results/reliability.jsonl
+	RELIABILITY_FIGURES=bench/results/reliability.jsonl $(BIN)/pytest $(RELIABILITY_TESTS)
+
+# Minutes at 80% of the measured maximum throughput; figures in bench/results/soak.json.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
+
+# The service side by side with OpenBao (needs wrk; installs it with apt-get when root).
+# Writes bench/results/latest.{json,md}; fails when cached reads are not ahead of OpenBao.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache_bench.py --writes 1000

@@ -126,7 +126,7 @@ def bench_memory(entries: int = 10_000) -> dict[str, float]:
     import tracemalloc
 
     from service.cache import SecretCache
-    from service.manager import _document
+    from service.manager import _compact
     from service.secret import Secret
 
     cache = SecretCache(max_entries=entries * 2)
@@ -135,7 +135,7 @@ def bench_memory(entries: int = 10_000) -> dict[str, float]:
     for i in range(entries):
         data = {"username": f"user-{i:06d}", "password": uuid.uuid4().hex * 5 + f"{i:08d}"}
         secret = Secret(f"app/svc-{i:06d}/db", 1, SecretData(data), "2026-11-28T21:00:00.000Z")
-        cache.put(secret, _document(secret))
+        cache.put(*_compact(secret))  # as the manager caches it: the document only
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))

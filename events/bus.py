@@ -123,16 +123,21 @@ class EventBus:
     async def connect(self, handler: ChangeHandler, *, connect_timeout: float = 5.0) -> None:
         self._handler = handler
         try:
-            self.nc = await nats.connect(
-                servers=self.servers,
-                name=f"secrets-service-{self.instance_id}",
-                connect_timeout=connect_timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                error_cb=self._on_error,
+            # Bounded here: with endless reconnects, nats-py retries a first connection forever
+            # too, so a wrong SECRETS_NATS_URL would hang the start instead of naming it.
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.servers,
+                    name=f"secrets-service-{self.instance_id}",
+                    connect_timeout=connect_timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    allow_reconnect=True,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                ),
+                connect_timeout * (len(self.servers) + 1),
             )
         except (OSError, NatsError, TimeoutError) as exc:
             raise ConfigError(
@@ -234,7 +239,7 @@ class EventBus:
     def _handle(self, data: bytes, *, live: bool = False) -> None:
         try:
             event = event_decoder.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             self.decode_errors += 1
             log.warning("undecodable change event dropped")
             return

@@ -315,7 +315,8 @@ class ChangeListener:
             self.last_sequence = sequence
             try:
                 event = decode_change(msg.data)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                # One poison payload in the stream must not end every replay that reaches it.
                 self.skipped += 1
                 log.warning("undecodable change event skipped", extra={"sequence": sequence})
                 continue

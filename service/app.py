@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
+import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -40,6 +43,7 @@ from service.errors import (
     AuditUnavailable,
     ConfigError,
     Forbidden,
+    InvalidPath,
     InvalidRequest,
     InvalidSecret,
     SecretsError,
@@ -48,7 +52,7 @@ from service.errors import (
     VersionConflict,
 )
 from service.lifecycle import SecretMethods
-from service.logs import request_context
+from service.logs import log_request, request_context
 from service.manager import SecretsManager
 from service.metrics import Metrics
 from service.openapi import openapi_document
@@ -160,7 +164,11 @@ def create_app(
                 stack.callback(watcher.cancel)
             log.info(
                 "service ready",
-                extra={"instance_id": settings.instance_id, "vault": settings.vault_addr},
+                extra={
+                    "instance_id": settings.instance_id,
+                    "vault": settings.vault_addr,
+                    "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
+                },
             )
             # Also on app.state, for code embedding the app (and tests) to reach the manager.
             app.state.manager = manager
@@ -234,8 +242,10 @@ async def _write(request: Request, principal: Principal, path: str) -> Response:
         body = write_request_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(_shape_error(exc), path=path) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 raises the latter
         raise InvalidRequest("the body is not valid JSON", path=path) from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply", path=path) from None
     manager: SecretsManager = request.state.manager
     secret = await manager.set(path, body.data, body.version, actor=principal.subject)
     ctx = request_context.get()
@@ -349,7 +359,35 @@ async def _read_body(
         chunks.append(chunk)
     if size == 0:
         raise InvalidRequest(f"a JSON body {expected} is required")
-    return b"".join(chunks)
+    raw = b"".join(chunks)
+    _refuse_duplicate_keys(raw)
+    return raw
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+def _refuse_duplicate_keys(raw: bytes) -> None:
+    """A key named twice in one object is ambiguous (parsers disagree on which one wins): 400.
+
+    msgspec keeps the last silently, so the stdlib parser looks first; writes only, not reads.
+    """
+    try:
+        json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise InvalidRequest("the body names a key twice in one object") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
+    except ValueError:
+        pass  # not JSON, or not UTF-8: the typed decoder that follows says so
 
 
 def _shape_error(exc: msgspec.ValidationError) -> str:
@@ -385,6 +423,12 @@ async def _error_response(request: Request, exc: Exception) -> Response:
 
 
 async def _route_not_found(request: Request, exc: Exception) -> Response:
+    if request.url.path.startswith("/secrets/"):
+        # `{rest:path}` matches anything but a newline: such a path is invalid, not unrouted.
+        try:
+            validate_path(request.url.path.removeprefix("/secrets/"))
+        except InvalidPath as invalid:
+            return await _error_response(request, invalid)
     return _Json(encoder.encode(ErrorBody("not_found", "no such route")), status_code=404)
 
 
@@ -416,20 +460,47 @@ class _RequestContext:
     Every /secrets request that reached a decision (authenticated or refused) gets one audit
     record. Where the audit log is fail-closed for the op, the response is held until a sink
     accepted the record, and replaced by a 503 if none did.
+
+    A `GET /secrets/{path}` is first offered to the caches (`_cached_read`); when they can
+    answer, the answer is the route's byte for byte, sent without Starlette's routing, Request
+    and Response objects or this middleware's send wrapper (measured: a third of the cost of
+    a routed read). Anything else goes on to the routes, which decide, refuse and log as usual.
+    Both leave the same audit record, metrics and log line.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Generated ids: a random prefix per app and a counter, 32 hex digits like a UUID's,
+        # unique across instances and restarts, at a tenth of uuid4()'s cost.
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = _request_id(scope) or f"{self._id_prefix}{next(self._ids):016x}"
         ctx: dict[str, Any] = {"request_id": request_id}
-        token = request_context.set(ctx)
         started = time.perf_counter()
+        if scope["method"] == "GET" and not scope["query_string"]:
+            answer = _cached_read(scope, ctx)
+            if answer is not None:
+                response_start, response_body = answer
+                response_start["headers"].append((b"x-request-id", request_id.encode()))
+                try:
+                    await send(response_start)
+                    await send(response_body)
+                finally:
+                    self._trace(scope, ctx, 200, started, scope["state"]["audit"])
+                return
+        await self._routed(scope, receive, send, ctx, started)
+
+    async def _routed(
+        self, scope: Scope, receive: Receive, send: Send, ctx: dict[str, Any], started: float
+    ) -> None:
+        request_id: str = ctx["request_id"]
+        token = request_context.set(ctx)
         status = 500
         secrets_route = scope["path"].startswith("/secrets")
         audit: AuditLog | None = scope.get("state", {}).get("audit") if secrets_route else None
@@ -469,24 +540,96 @@ class _RequestContext:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            duration = time.perf_counter() - started
-            outcome = _outcome(status)
-            if audit is not None and not recorded and _decided(ctx):
-                audit.submit(_audit_record(audit, scope, ctx, status))
-            op = ctx.get("op")
-            if op is not None:
-                self.metrics.observe_operation(op, outcome, duration)
-            if secrets_route:
-                log.info(
-                    "request",
-                    extra={
-                        "method": scope["method"],
-                        "status": status,
-                        "outcome": outcome,
-                        "duration_ms": round(duration * 1000, 3),
-                    },
-                )
-            request_context.reset(token)
+            try:
+                if secrets_route:
+                    self._trace(scope, ctx, status, started, None if recorded else audit)
+                elif "op" in ctx:
+                    self.metrics.observe_operation(
+                        ctx["op"], _outcome(status), time.perf_counter() - started
+                    )
+            finally:
+                request_context.reset(token)
+
+    def _trace(
+        self,
+        scope: Scope,
+        ctx: dict[str, Any],
+        status: int,
+        started: float,
+        audit: AuditLog | None,
+    ) -> None:
+        """What a /secrets request leaves behind: audit record (unless `audit` is None: none,
+        or already confirmed), metrics and the request's log line."""
+        duration = time.perf_counter() - started
+        outcome = _outcome(status)
+        if audit is not None and _decided(ctx):
+            # Built by the audit writer, off the request path, with this moment's time.
+            audit.submit(
+                functools.partial(_audit_record, audit, scope, ctx, status, time.time_ns())
+            )
+        op = ctx.get("op")
+        if op is not None:
+            self.metrics.observe_operation(op, outcome, duration)
+        log_request(
+            log,
+            {
+                **ctx,
+                "method": scope["method"],
+                "status": status,
+                "outcome": outcome,
+                "duration_ms": round(duration * 1000, 3),
+            },
+        )
+
+
+def _cached_read(scope: Scope, ctx: dict[str, Any]) -> tuple[Message, Message] | None:
+    """The two response messages of a `GET /secrets/{path}` the caches can answer, with `ctx`
+    filled in as the routes would; None to take the routes."""
+    path: str = scope["path"]
+    state = scope.get("state")
+    if not path.startswith("/secrets/") or not state:
+        return None
+    path = path[9:]
+    audit: AuditLog = state["audit"]
+    if audit.must_confirm("read"):  # SECRETS_AUDIT_FAIL_CLOSED=all: the response is held
+        return None
+    authorization = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+            break
+    try:
+        token = bearer_token(authorization)
+    except Unauthenticated:
+        return None
+    verifier: OIDCVerifier = state["verifier"]
+    principal = verifier.cached(token)
+    if principal is None:
+        return None
+    policy: Policy = state["policy"]
+    # Never allowed on an invalid path, a custom method (`:verb`) included.
+    if not policy.allows(principal.roles, principal.scopes, READ, path):
+        return None
+    manager: SecretsManager = state["manager"]
+    found = manager.cached_document(path)
+    if found is None:
+        return None
+    secret, body = found
+    ctx["actor"] = principal.subject
+    ctx["client_id"] = principal.client_id
+    ctx["path"] = path
+    ctx["op"] = "read"
+    ctx["version"] = secret.version
+    headers = [
+        (b"etag", b'"%d"' % secret.version),
+        (b"cache-control", b"no-store"),
+        (b"content-length", b"%d" % len(body)),
+        (b"content-type", b"application/json"),
+    ]
+    return (
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
 
 
 def _decided(ctx: dict[str, Any]) -> bool:
@@ -494,7 +637,9 @@ def _decided(ctx: dict[str, Any]) -> bool:
     return "actor" in ctx or "reason" in ctx or "op" in ctx
 
 
-def _audit_record(audit: AuditLog, scope: Scope, ctx: dict[str, Any], status: int) -> AuditRecord:
+def _audit_record(
+    audit: AuditLog, scope: Scope, ctx: dict[str, Any], status: int, at_ns: int | None = None
+) -> AuditRecord:
     client = scope.get("client")
     return audit.record(
         request_id=ctx["request_id"],
@@ -509,6 +654,7 @@ def _audit_record(audit: AuditLog, scope: Scope, ctx: dict[str, Any], status: in
         sub=ctx.get("actor"),
         client_id=ctx.get("client_id"),
         source=client[0] if client else None,
+        at_ns=at_ns,
     )
 
 
@@ -536,14 +682,15 @@ def _audit_refusal(request_id: str) -> list[Message]:
     ]
 
 
-def _request_id(scope: Scope) -> str:
+def _request_id(scope: Scope) -> str | None:
+    """The caller's X-Request-ID if it is well-formed."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate: str = value.decode("latin-1")
             if _REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return None
 
 
 def _outcome(status: int) -> str:

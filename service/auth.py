@@ -233,12 +233,10 @@ class OIDCVerifier:
         if not token or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
             raise _log_rejection(Unauthenticated("malformed"), _Seen())
         digest = hashlib.sha256(token.encode("ascii")).digest()
-        cached = self._cache.get(digest)
+        cached = self._cached(digest)
         if cached is not None:
-            if self._clock() < cached.expires_at + self._leeway:
-                self._cache.move_to_end(digest)
-                return cached
-            del self._cache[digest]
+            return cached
+        if self._cache.pop(digest, None) is not None:
             raise _log_rejection(Unauthenticated("expired"), _Seen())
 
         seen = _Seen()
@@ -251,6 +249,23 @@ class OIDCVerifier:
             self._cache[digest] = principal
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        return principal
+
+    def cached(self, token: str) -> Principal | None:
+        """The Principal of a token verified before and not expired yet; None otherwise.
+
+        Synchronous, for the cached-read fast path: it never raises and logs nothing, so a
+        caller that gets None calls `verify`, which decides and logs the refusal.
+        """
+        if not token.isascii():
+            return None
+        return self._cached(hashlib.sha256(token.encode("ascii")).digest())
+
+    def _cached(self, digest: bytes) -> Principal | None:
+        principal = self._cache.get(digest)
+        if principal is None or self._clock() >= principal.expires_at + self._leeway:
+            return None
+        self._cache.move_to_end(digest)
         return principal
 
     async def _verify_uncached(self, token: str, seen: _Seen) -> Principal:
@@ -418,7 +433,7 @@ class OIDCVerifier:
             raise _FetchError(f"{url}: document larger than {_MAX_DOCUMENT_BYTES} bytes")
         try:
             document = msgspec.json.decode(response.content)
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _FetchError(f"{url}: not JSON") from exc
         if not isinstance(document, dict):
             raise _FetchError(f"{url}: not a JSON object")
@@ -448,9 +463,10 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _json_object(segment: str) -> dict[str, Any]:
+    # Deep nesting raises RecursionError, invalid UTF-8 in a string UnicodeDecodeError.
     try:
         value = msgspec.json.decode(_b64decode(segment))
-    except (msgspec.DecodeError, RecursionError) as exc:  # deep nesting raises RecursionError
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise Unauthenticated("malformed") from exc
     if not isinstance(value, dict):
         raise Unauthenticated("malformed")
@@ -519,16 +535,29 @@ def _verification_key(entry: object) -> Key | None:
     key_class = _KEY_CLASSES[kty]
     members = (*_KEY_METADATA, *_PUBLIC_MEMBERS[kty])
     public = {name: entry[name] for name in members if name in entry}
+    # Sized before the import, which warns (SecurityWarning) on a weak key: an error under -W.
+    bits = _modulus_bits(public.get("n")) if kty == "RSA" else None
+    if bits is not None and bits < _MIN_RSA_BITS:
+        logger.warning(
+            "ignoring JWKS key kid=%s: RSA key under %d bits", _printable(kid), _MIN_RSA_BITS
+        )
+        return None
     try:
         key: Key = key_class.import_key(public)
     except (JoseError, ValueError, TypeError, KeyError):
         logger.warning("ignoring JWKS key kid=%s: cannot import it", _printable(kid))
         return None
-    if isinstance(key, RSAKey) and key.raw_value.key_size < _MIN_RSA_BITS:
-        logger.warning(
-            "ignoring JWKS key kid=%s: RSA key under %d bits", _printable(kid), _MIN_RSA_BITS
-        )
-        return None
     if isinstance(key, OKPKey) and key.curve_name not in ("Ed25519", "Ed448"):
         return None
     return key
+
+
+def _modulus_bits(n: object) -> int | None:
+    """The size of an RSA JWK's modulus `n`; None if it is not base64url (the import says so)."""
+    if not isinstance(n, str):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return int.from_bytes(raw, "big").bit_length()

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,9 +72,23 @@ def serve(environ: Mapping[str, str]) -> int:
         return _config_failure(exc)
     configure_logging(settings.log_level)
     try:
-        return asyncio.run(_serve(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(settings))
     except ConfigError as exc:
         return _config_failure(exc)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (uvicorn[standard] brings it), else asyncio's own loop.
+
+    Server.serve() runs on whatever loop it is given; only Server.run() picks uvloop by itself.
+    Measured: about twice the cached-read throughput of the default loop (bench/run.py).
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop does not build everywhere (Windows)
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(settings: Settings, *, started: asyncio.Event | None = None) -> int:

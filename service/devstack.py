@@ -35,6 +35,7 @@ __all__ = [
     "OidcIssuer",
     "OpenBaoEndpoint",
     "OpenBaoServer",
+    "ServiceProcess",
     "configure_oidc",
     "find_binary",
     "free_port",
@@ -478,6 +479,110 @@ class NatsServer:
         """Stop and start again on the same ports with the same JetStream store."""
         self._stop_process()
         self.start(timeout)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServiceProcess:
+    """`python -m service serve` as a child process, configured by `environ` (SECRETS_*).
+
+    For tests and the soak that need a real process: one to SIGKILL, or to measure from /proc.
+    """
+
+    def __init__(self, environ: Mapping[str, str], *, log_path: Path | None = None) -> None:
+        self.environ = dict(environ)
+        self.port = int(self.environ.get("SECRETS_PORT", "8080"))
+        self.url = f"http://{self.environ.get('SECRETS_HOST', '127.0.0.1')}:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = _Log(log_path, "secrets-service-")
+
+    def __repr__(self) -> str:
+        pid = None if self.process is None else self.process.pid
+        return f"ServiceProcess(url={self.url!r}, pid={pid})"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise DevStackError(f"secrets-service at {self.url} is not running")
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log.path
+
+    def log_tail(self) -> str:
+        return self._log.tail()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and return once /healthz answers (the lifespan has opened everything)."""
+        if self.process is not None and self.process.poll() is None:
+            raise DevStackError(f"secrets-service at {self.url} is already running")
+        _check_port_free(self.port, "secrets-service")
+        env = {**_child_env(("SECRETS_",)), **self.environ}
+        argv = [sys.executable, "-m", "service", "serve"]
+        self.process = process = _spawn(argv, self._log, env)
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            while True:
+                if process.poll() is not None:
+                    tail = self._log.tail()
+                    self.stop()
+                    raise DevStackError(
+                        f"secrets-service at {self.url} exited with code {process.returncode} "
+                        f"while starting; log tail:\n{tail}"
+                    )
+                try:
+                    if client.get(f"{self.url}/healthz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() >= deadline:
+                    tail = self._log.tail()
+                    self.stop()
+                    raise DevStackError(
+                        f"secrets-service at {self.url} not up in {timeout}s; log tail:\n{tail}"
+                    )
+                time.sleep(_POLL_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown code runs. The log stays until stop()."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            _end(process)
+        self._log.close()
+
+    def rss_bytes(self) -> int:
+        """Resident memory, from /proc (Linux)."""
+        return int(self._status_field("VmRSS").split()[0]) * 1024
+
+    def threads(self) -> int:
+        return int(self._status_field("Threads"))
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def _status_field(self, name: str) -> str:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+        raise DevStackError(f"no {name} in /proc/{self.pid}/status")
 
     def __enter__(self) -> Self:
         self.start()

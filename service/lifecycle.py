@@ -166,7 +166,8 @@ class SecretMethods:
                 # The field's name is not echoed: it is the caller's input.
                 message = "the body has an unknown field"
             raise InvalidRequest(f"{message}; expected {expected}", path=path) from None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            # Invalid UTF-8 raises UnicodeDecodeError, deep nesting RecursionError.
             raise InvalidRequest(
                 f"the body is not valid JSON; expected {expected}", path=path
             ) from None

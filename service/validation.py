@@ -38,7 +38,9 @@ A rule may set `not_empty`, `max_total_size`, `min_length`, `max_length`, `min_e
 may set `type`, `min_length`, `max_length`, `min_entropy` and `deny_common`; a field with its
 own `min_entropy` or `deny_common` is checked whatever its name. Rules look at the top-level
 keys of the data; nested objects and arrays are only checked for emptiness at the top and for
-depth (at most 32 levels). Lengths apply to strings only and count characters.
+depth (at most 32 levels). Lengths apply to strings only and count characters. Data that is
+not plain JSON, and integers beyond 2**53 - 1 in size (Vault keeps numbers as 64-bit floats
+and would round them silently), are refused as a 400 `invalid_request`, not a violation.
 
 The rule names a 422 reports: ``required``, ``allowed``, ``type``, ``min_length``,
 ``max_length``, ``min_entropy``, ``common_password``, ``not_empty``, ``max_total_size``,
@@ -77,6 +79,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_SENSITIVE_FIELDS",
     "MAX_DEPTH",
+    "MAX_SAFE_INTEGER",
     "RULES",
     "TYPES",
     "FieldSpec",
@@ -89,6 +92,8 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 65536
 MAX_DEPTH = 32
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Larger integers are refused (I-JSON, RFC 7493): Vault would store them rounded."""
 DEFAULT_SENSITIVE_FIELDS = "pass|pwd|secret|token|key|credential|private"
 
 RULES: tuple[str, ...] = (
@@ -203,7 +208,8 @@ class Validator:
     def validate(self, path: str, data: Mapping[str, Any]) -> list[Violation]:
         """Every rule `data` breaks at `path`; empty when it is fine.
 
-        Raises InvalidRequest if `data` is not plain JSON (a set, bytes, NaN...).
+        Raises InvalidRequest if `data` is not plain JSON (a set, bytes, NaN...) or holds an
+        integer beyond 2**53 - 1 in size.
         """
         violations = _check(self.rule_for(path), data, self.sensitive)
         for violation in violations:
@@ -323,6 +329,9 @@ def _plain_json(value: Any, depth: int) -> bool:
     if isinstance(value, _SCALARS):
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequest("data must be plain JSON (no NaN or infinity)")
+        if type(value) is int and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            # Vault keeps JSON numbers as 64-bit floats: it would round this one silently.
+            raise InvalidRequest("integers must be between -(2**53 - 1) and 2**53 - 1")
         return True
     if depth >= MAX_DEPTH:
         return False

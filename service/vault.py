@@ -106,6 +106,8 @@ class HvacBackend:
         self._mount = mount
         self._timeout = timeout
         self._limiter = anyio.CapacityLimiter(concurrency)
+        # run_sync's own; `_limiter` is taken first, to look at the clock before a thread starts.
+        self._workers = anyio.CapacityLimiter(concurrency)
         self._kv = self._client.secrets.kv.v2
 
     async def login(self) -> None:
@@ -223,14 +225,24 @@ class HvacBackend:
         """Run one hvac call in a worker thread, with a deadline, and map its errors."""
         started = time.perf_counter()
         error: str | None = None
+        budget = self._timeout * 2 + 1
+        # A call started later than this would outlive its caller's deadline, as a thread
+        # abandoned in the middle of a Vault request.
+        start_by = time.monotonic() + budget - self._timeout
         try:
             # The deadline also covers waiting for a free worker while Vault hangs.
-            with anyio.fail_after(self._timeout * 2 + 1):
-                return await to_thread.run_sync(
-                    functools.partial(_mapped, op, path, fn),
-                    limiter=self._limiter,
-                    abandon_on_cancel=True,
-                )
+            with anyio.fail_after(budget):
+                async with self._limiter:
+                    if time.monotonic() > start_by:
+                        # Waited too long for a slot: Vault is hanging. Starting anyway would
+                        # hand each slot, freed by an abandoned call, to the next late caller:
+                        # one more abandoned thread (and Vault request) per queued request.
+                        raise TimeoutError
+                    return await to_thread.run_sync(
+                        functools.partial(_mapped, op, path, fn),
+                        limiter=self._workers,
+                        abandon_on_cancel=True,
+                    )
         except TimeoutError:
             error = "timeout"
             log.error("vault call timed out", extra={"op": op, "path": path})

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,13 @@ class _Server(uvicorn.Server):
 def service_settings(
     openbao: Any, nats: Any, oidc: Any, policy_file: Path, **overrides: str
 ) -> Settings:
+    return Settings.from_environ(service_environ(openbao, nats, oidc, policy_file, **overrides))
+
+
+def service_environ(
+    openbao: Any, nats: Any, oidc: Any, policy_file: Path, **overrides: str
+) -> dict[str, str]:
+    """SECRETS_* for a service on a free port; `overrides` by setting name (`vault_timeout`)."""
     environ = {
         "SECRETS_VAULT_ADDR": openbao.addr,
         "SECRETS_VAULT_TOKEN": openbao.root_token,
@@ -42,7 +52,7 @@ def service_settings(
         "SECRETS_AUDIT_SINK": f"file:{policy_file.parent / 'audit.log'}",
     }
     environ.update({f"SECRETS_{k.upper()}": v for k, v in overrides.items()})
-    return Settings.from_environ(environ)
+    return environ
 
 
 def write_policy(directory: Path, text: str = DEV_POLICY_TOML) -> Path:
@@ -71,7 +81,7 @@ async def running_service(
         app, host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
     )
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
+    task = asyncio.get_running_loop().create_task(_serve(server))
     try:
         while not server.started:
             if task.done():
@@ -81,6 +91,15 @@ async def running_service(
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+async def _serve(server: uvicorn.Server) -> None:
+    try:
+        await server.serve()
+    except SystemExit:
+        # uvicorn exits 3 when the lifespan fails. Escaping the task, SystemExit would stop
+        # the event loop and pytest with it, before the session's servers are torn down.
+        pass
 
 
 class LogCapture:
@@ -128,3 +147,16 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def record_figures(scenario: str, **figures: Any) -> None:
+    """Append one JSON line of measured figures to $RELIABILITY_FIGURES, if set.
+
+    `make reliability` sets it, so RELIABILITY.md's numbers come from a run anyone can repeat.
+    """
+    target = os.environ.get("RELIABILITY_FIGURES")
+    if not target:
+        return
+    line = json.dumps({"scenario": scenario, "at": time.time(), **figures})
+    with open(target, "a", encoding="utf-8") as out:
+        out.write(line + "\n")

@@ -772,6 +772,21 @@ async def test_a_zero_cache_size_verifies_every_time(
     assert checks() == 2
 
 
+async def test_cached_answers_only_for_a_token_verified_before_and_not_expired(
+    verifier: OIDCVerifier, clock: Clock, rsa_key: RSAKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = sign(claims(), rsa_key)
+    assert verifier.cached(token) is None  # never verified: the caller verifies
+    principal = await verifier.verify(token)
+    assert verifier.cached(token) is principal
+    assert verifier.cached(token + "x") is None
+    assert verifier.cached("é" + token) is None  # not ASCII: never a token
+    clock.now = NOW + 300 + 30
+    assert verifier.cached(token) is None  # expired: `verify` says so, and logs it
+    assert not caplog.records
+    assert await rejection(verifier, token) == "expired"
+
+
 # --- logging --------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from events.bus import EventBus
 from schemas.events import SecretUpdated, event_encoder
+from service.devstack import free_port
+from service.errors import ConfigError
 
 
 class FlakyJetStream:
@@ -103,7 +105,15 @@ def test_our_own_event_is_not_applied_again() -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", [b"", b"not json", b'{"type": "secret.updated"}', b'{"type": "nope", "path": "x"}']
+    "payload",
+    [
+        b"",
+        b"not json",
+        b'{"type": "secret.updated"}',
+        b'{"type": "nope", "path": "x"}',
+        b'{"type": "secret.updated", "path": "\xff\xfe"}',  # invalid UTF-8 in a string
+        b'{"type": "secret.updated", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
 )
 def test_an_undecodable_event_is_dropped_and_counted(payload: bytes) -> None:
     bus = EventBus(["nats://unused"], "secrets", instance_id="me")
@@ -116,3 +126,13 @@ def test_an_undecodable_event_is_dropped_and_counted(payload: bytes) -> None:
 def test_the_event_payload_has_no_data_field() -> None:
     decoded: dict[str, Any] = json.loads(event_encoder.encode(event()))
     assert set(decoded) == {"type", "event_id", "path", "version", "actor", "instance_id", "time"}
+
+
+async def test_an_unreachable_nats_at_start_is_a_config_error_not_a_hang() -> None:
+    # nats-py retries a first connection forever when reconnects are endless: bounded here.
+    bus = EventBus([f"nats://127.0.0.1:{free_port()}"], "secrets", instance_id="me")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ConfigError) as info:
+        await bus.connect(RecordingHandler(), connect_timeout=0.2)
+    assert info.value.setting == "SECRETS_NATS_URL"
+    assert asyncio.get_running_loop().time() - started < 2.0

@@ -175,6 +175,7 @@ async def test_deliver_new_is_the_default_made_explicit(stream: Stream) -> None:
 async def test_undecodable_and_unknown_event_types_do_not_stop_iteration(stream: Stream) -> None:
     await stream.publish_raw("app/x", b"not json")
     await stream.publish_raw("app/x", b'{"type": "secret.updated", "path": "app/x"}')
+    await stream.publish_raw("app/x", b'{"type": "secret.updated", "path": "\xff"}')  # bad UTF-8
     deleted = await stream.publish_raw(
         "app/y",
         b'{"type": "secret.rotated", "path": "app/y", "version": 3, "event_id": "e1",'
@@ -189,7 +190,7 @@ async def test_undecodable_and_unknown_event_types_do_not_stop_iteration(stream:
         got = await take(changes, 2)
         await assert_nothing_more(changes)
 
-    assert changes.skipped == 2
+    assert changes.skipped == 3
     unknown, known = got
     assert isinstance(unknown.event, UnknownChange) and not unknown.known
     assert (unknown.type, unknown.path, unknown.version, unknown.sequence) == (

@@ -103,6 +103,17 @@ def test_values_json_cannot_hold_are_an_invalid_request(value: Any) -> None:
         validate_data({"k": value})
 
 
+@pytest.mark.parametrize("number", [2**53, -(2**53), 10**30, [1, {"n": 2**63}]])
+def test_integers_vault_would_round_are_an_invalid_request(number: Any) -> None:
+    # Vault keeps JSON numbers as 64-bit floats: 2**53 + 1 would be stored as 2**53.
+    with pytest.raises(InvalidRequest):
+        validate_data({"k": number})
+
+
+def test_the_largest_safe_integers_and_floats_are_accepted() -> None:
+    assert validate_data({"max": 2**53 - 1, "min": -(2**53 - 1), "f": 1e308, "b": True}) == []
+
+
 def test_a_common_password_in_a_sensitive_field_is_refused_by_default() -> None:
     assert rules(validate_data({"db_password": "Password"})) == {("db_password", "common_password")}
     assert rules(validate_data({"api_token": "letmein"})) == {("api_token", "common_password")}
