@@ -197,16 +197,27 @@ def spawn(
 
 
 def start_service(name: str, workdir: Path, environ: Mapping[str, str]) -> Child:
-    port = free_port()
     # Only what `secrets-service serve` documents, on top of a clean environment.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SECRETS_", "BAO_", "VAULT_"))}
     env.update(environ)
-    env.update({"SECRETS_PORT": str(port), "SECRETS_INSTANCE_ID": name})
-    # stdout carries the audit records (the default sink), stderr the JSON log lines.
-    process, files = spawn(name, [str(BIN / "secrets-service"), "serve"], workdir, env)
-    child = Child(name, f"http://127.0.0.1:{port}", process, files)
-    child.wait_ready("/readyz")
-    return child
+    for attempt in (1, 2, 3):
+        port = free_port()
+        env.update({"SECRETS_PORT": str(port), "SECRETS_INSTANCE_ID": name})
+        # stdout carries the audit records (the default sink), stderr the JSON log lines.
+        process, files = spawn(name, [str(BIN / "secrets-service"), "serve"], workdir, env)
+        child = Child(name, f"http://127.0.0.1:{port}", process, files)
+        try:
+            child.wait_ready("/readyz")
+            return child
+        except BenchError:
+            child.stop()
+            # A fresh cluster may still refuse a replicated stream for a moment
+            # ("JetStream unavailable" at start): try again, then give up.
+            if attempt == 3:
+                raise
+            print(f"{name} did not start (attempt {attempt}), retrying", file=sys.stderr)
+            time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 def start_bare(workdir: Path, body: bytes) -> Child:

@@ -81,8 +81,9 @@ def serve(environ: Mapping[str, str]) -> int:
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where installed (uvicorn[standard] brings it), else asyncio's own loop.
 
-    Server.serve() runs on whatever loop it is given; only Server.run() picks uvloop by itself.
-    Measured: about twice the cached-read throughput of the default loop (bench/run.py).
+    Server.serve() runs on whatever loop it is given; only Server.run() picks uvloop by itself,
+    so this is what `uvicorn.run` would do. (Measured on cached reads: within noise of the
+    default loop, as the Python work of each request dominates; bench/run.py.)
     """
     try:
         import uvloop

@@ -98,10 +98,10 @@ def _shown(value: Any) -> Any:
 def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """Log the one line of a request: its context and outcome, `fields`, at INFO.
 
-    The record `logger.info("request", extra=fields)` would make, at a third of the cost: it is
-    copied from a template (LogRecord.__init__ spends most of its 2 µs on attributes these
-    lines never show) and carries `fields` whole, so JsonFormatter need not pick them out of
-    the record's two dozen attributes.
+    The record `logger.info("request", extra=fields)` would make, 2 µs cheaper (6 against 8,
+    formatting included): it is copied from a template (LogRecord.__init__ spends most of its
+    2 µs on attributes these lines never show) and carries `fields` whole, so JsonFormatter
+    need not pick them out of the record's two dozen attributes.
     """
     if not logger.isEnabledFor(logging.INFO):
         return

@@ -5,7 +5,7 @@ prometheus-client objects. What every request moves (operations and their latenc
 counters bumped on the hot path of other modules (cache hits and misses, events, listener
 errors, CAS conflicts, validation failures, audit records) are plain numbers, read by
 collectors at scrape time: no lock per request (`Counter.inc` and `Histogram.observe` take one
-each; measured: 1.3 µs of a 20 µs cached read, against 0.4 µs for these).
+each; measured: 1.1 µs a request, against 0.3 µs for these).
 
     secrets_operations_total{op,outcome}         secrets_operation_seconds{op}
     secrets_auth_failures_total{reason}          secrets_validation_failures_total{rule}
