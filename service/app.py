@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -696,6 +696,5 @@ def _outcome(status: int) -> str:
     }.get(status, "error")  # fmt: skip
 
 
-Handler = Callable[[Request], Awaitable[Response]]
 
 _SECRET_METHODS = SecretMethods(read=_read, write=_write, require=_require, read_body=_read_body)

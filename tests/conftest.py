@@ -23,6 +23,7 @@ from service.devstack import (
     OpenBaoEndpoint,
     OpenBaoServer,
     configure_oidc,
+    start_nats_cluster,
     wait_for_kv,
 )
 
@@ -168,3 +169,14 @@ def nats() -> Iterator[NatsEndpoint]:
 def oidc(openbao: OpenBaoEndpoint) -> OidcIssuer:
     """OpenBao as an OIDC issuer with the dev personas (reader, writer, admin)."""
     return configure_oidc(openbao.addr, openbao.root_token)
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[list[NatsServer]]:
+    """A three-node NATS cluster with JetStream, of the module's own (tests stop its nodes)."""
+    nodes = start_nats_cluster(3)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()

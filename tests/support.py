@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +160,24 @@ def record_figures(scenario: str, **figures: Any) -> None:
     line = json.dumps({"scenario": scenario, "at": time.time(), **figures})
     with open(target, "a", encoding="utf-8") as out:
         out.write(line + "\n")
+
+
+@contextlib.asynccontextmanager
+async def cluster_services(
+    openbao: Any, oidc: Any, nodes: Sequence[Any], policy_file: Path, prefix: str, **overrides: str
+) -> AsyncIterator[list[RunningService]]:
+    """One service instance per NATS node (ids `<prefix>-A`, ...), all connected to the bus."""
+    async with contextlib.AsyncExitStack() as stack:
+        services = []
+        for name, node in zip("ABC", nodes, strict=False):
+            settings = service_settings(
+                openbao, node.url, oidc, policy_file, instance_id=f"{prefix}-{name}",
+                nats_replicas="3", **overrides,
+            )  # fmt: skip
+            services.append(await stack.enter_async_context(running_service(settings)))
+        deadline = time.monotonic() + 10
+        while not all(svc.state.manager.bus_connected for svc in services):
+            if time.monotonic() > deadline:
+                raise AssertionError("instances never connected to NATS")
+            await asyncio.sleep(0.01)
+        yield services

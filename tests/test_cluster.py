@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import httpx
 import pytest
 
 from schemas.events import ChangeEvent
-from service.devstack import NatsServer, start_nats_cluster
+from service.devstack import NatsServer
 from service.manager import SecretsManager
 from service.secret import SecretData
-from tests.support import running_service, service_settings, write_policy
+from tests.support import cluster_services, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +46,6 @@ class Instance:
 
 
 @pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[list[NatsServer]]:
-    nodes = start_nats_cluster(3)
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-@pytest.fixture(scope="module")
 async def instances(
     openbao: Any,
     oidc: Any,
@@ -64,24 +53,19 @@ async def instances(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[list[Instance]]:
     policy = write_policy(tmp_path_factory.mktemp("cluster"))
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for name, node in zip("ABC", nats_cluster, strict=True):
-            settings = service_settings(
-                openbao,
-                node.url,
-                oidc,
-                policy,
-                instance_id=f"inst-{name}",
-                cache_fallback_ttl=str(FALLBACK_TTL),
-                vault_poll_interval=str(POLL_INTERVAL),
-                nats_replicas="3",
-            )
-            svc = await stack.enter_async_context(running_service(settings))
-            out.append(Instance(name, svc, node))
-        # Let the manager's states settle (all connected).
-        await eventually(lambda: all(i.manager.bus_connected for i in out))
-        yield out
+    async with cluster_services(
+        openbao,
+        oidc,
+        nats_cluster,
+        policy,
+        "inst",
+        cache_fallback_ttl=str(FALLBACK_TTL),
+        vault_poll_interval=str(POLL_INTERVAL),
+    ) as services:
+        yield [
+            Instance(n, svc, node)
+            for n, svc, node in zip("ABC", services, nats_cluster, strict=True)
+        ]
 
 
 async def eventually(cond: Any, timeout: float = 5.0, interval: float = 0.005) -> None:

@@ -4,20 +4,19 @@ on any instance serves one once its event is processed; an undelete is seen ever
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
-from service.devstack import NatsServer, start_nats_cluster
+from service.devstack import NatsServer
 from service.manager import SecretsManager
 from service.secret import SecretData
-from tests.support import bearer, running_service, service_settings, write_policy
+from tests.support import bearer, cluster_services, write_policy
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +48,6 @@ class Instance:
 
 
 @pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[list[NatsServer]]:
-    nodes = start_nats_cluster(3)
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-@pytest.fixture(scope="module")
 async def instances(
     openbao: Any,
     oidc: Any,
@@ -66,23 +55,16 @@ async def instances(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[list[Instance]]:
     policy = write_policy(tmp_path_factory.mktemp("lifecycle-cluster"), POLICY)
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for name, node in zip("ABC", nats_cluster, strict=True):
-            settings = service_settings(
-                openbao,
-                node.url,
-                oidc,
-                policy,
-                instance_id=f"life-{name}",
-                vault_poll_interval="0",  # only events may evict here
-                nats_replicas="3",
-                audit_sink="none",
-            )
-            svc = await stack.enter_async_context(running_service(settings))
-            out.append(Instance(name, svc))
-        await eventually(lambda: all(i.manager.bus_connected for i in out))
-        yield out
+    async with cluster_services(
+        openbao,
+        oidc,
+        nats_cluster,
+        policy,
+        "life",
+        vault_poll_interval="0",  # only events may evict here
+        audit_sink="none",
+    ) as services:
+        yield [Instance(n, svc) for n, svc in zip("ABC", services, strict=True)]
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
-from service.devstack import NatsServer, start_nats_cluster
+from service.devstack import NatsServer
 from service.manager import SecretsManager
-from tests.support import bearer, record_figures, running_service, service_settings, write_policy
+from tests.support import (
+    bearer,
+    cluster_services,
+    record_figures,
+    write_policy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +38,6 @@ class Instance:
 
 
 @pytest.fixture(scope="module")
-def nats_cluster() -> Iterator[list[NatsServer]]:
-    nodes = start_nats_cluster(3)
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-@pytest.fixture(scope="module")
 async def instances(
     openbao: Any,
     oidc: Any,
@@ -51,26 +45,19 @@ async def instances(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[list[Instance]]:
     policy = write_policy(tmp_path_factory.mktemp("reliability-cluster"))
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for name, node in zip("ABC", nats_cluster, strict=True):
-            settings = service_settings(
-                openbao,
-                node.url,
-                oidc,
-                policy,
-                instance_id=f"rel-{name}",
-                cache_fallback_ttl=str(FALLBACK_TTL),
-                nats_replicas="3",
-                log_level="WARNING",
-            )
-            svc = await stack.enter_async_context(running_service(settings))
-            out.append(Instance(name, svc.url, node, svc.app.state.manager, svc.app.state.bus))
-        deadline = time.monotonic() + 10
-        while not all(i.manager.bus_connected for i in out):
-            assert time.monotonic() < deadline, "instances never connected to NATS"
-            await asyncio.sleep(0.01)
-        yield out
+    async with cluster_services(
+        openbao,
+        oidc,
+        nats_cluster,
+        policy,
+        "rel",
+        cache_fallback_ttl=str(FALLBACK_TTL),
+        log_level="WARNING",
+    ) as services:
+        yield [
+            Instance(n, svc.url, node, svc.app.state.manager, svc.app.state.bus)
+            for n, svc, node in zip("ABC", services, nats_cluster, strict=True)
+        ]
 
 
 # -- concurrent writers ------------------------------------------------------------------------
