@@ -696,5 +696,4 @@ def _outcome(status: int) -> str:
     }.get(status, "error")  # fmt: skip
 
 
-
 _SECRET_METHODS = SecretMethods(read=_read, write=_write, require=_require, read_body=_read_body)
