@@ -50,7 +50,7 @@ from service.errors import (
     Unauthenticated,
     VersionConflict,
 )
-from service.lifecycle import SecretMethods
+from service.lifecycle import SecretMethods, decode_body
 from service.logs import log_request, request_context
 from service.manager import SecretsManager
 from service.metrics import Metrics
@@ -68,6 +68,7 @@ log = logging.getLogger("secrets.http")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _VERSION_PARAM = re.compile(r"[1-9][0-9]{0,15}")
 _NO_STORE = {"Cache-Control": "no-store"}
+_WRITE_BODY = '{"data": {...}, "version": N}'
 _HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -237,14 +238,7 @@ async def _write(request: Request, principal: Principal, path: str) -> Response:
     _require(request, principal, WRITE, path, op="write")
     settings: Settings = request.app.state.settings
     raw = await _read_body(request, settings.max_body_bytes)
-    try:
-        body = write_request_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(_shape_error(exc), path=path) from None
-    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 raises the latter
-        raise InvalidRequest("the body is not valid JSON", path=path) from None
-    except RecursionError:
-        raise InvalidRequest("the body is nested too deeply", path=path) from None
+    body = decode_body(raw, write_request_decoder, _WRITE_BODY, path)
     manager: SecretsManager = request.state.manager
     secret = await manager.set(path, body.data, body.version, actor=principal.subject)
     ctx = request_context.get()
@@ -340,9 +334,7 @@ def _version_param(request: Request) -> int | None:
     return int(raw)
 
 
-async def _read_body(
-    request: Request, limit: int, expected: str = '{"data": {...}, "version": N}'
-) -> bytes:
+async def _read_body(request: Request, limit: int, expected: str = _WRITE_BODY) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -387,14 +379,6 @@ def _refuse_duplicate_keys(raw: bytes) -> None:
         raise InvalidRequest("the body is nested too deeply") from None
     except ValueError:
         pass  # not JSON, or not UTF-8: the typed decoder that follows says so
-
-
-def _shape_error(exc: msgspec.ValidationError) -> str:
-    # msgspec names the location and expected type; an unknown field's name is not echoed.
-    message = str(exc)
-    if message.startswith("Object contains unknown field"):
-        return 'the body has an unknown field; expected {"data": {...}, "version": N}'
-    return f"the body has the wrong shape: {message}"
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

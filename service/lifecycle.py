@@ -30,7 +30,7 @@ from service.manager import SecretsManager
 from service.policy import DESTROY, READ, WRITE, Policy
 from service.settings import Settings
 
-__all__ = ["Handler", "SecretMethods", "visible_keys"]
+__all__ = ["Handler", "SecretMethods", "decode_body", "visible_keys"]
 
 Handler = Callable[[Request, Principal, str], Awaitable[Response]]
 T = TypeVar("T")
@@ -158,19 +158,32 @@ class SecretMethods:
     ) -> T:
         settings: Settings = request.app.state.settings
         raw = await self._read_body(request, settings.max_body_bytes, expected=expected)
-        try:
-            return decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            message = str(exc)
-            if message.startswith("Object contains unknown field"):
-                # The field's name is not echoed: it is the caller's input.
-                message = "the body has an unknown field"
-            raise InvalidRequest(f"{message}; expected {expected}", path=path) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            # Invalid UTF-8 raises UnicodeDecodeError, deep nesting RecursionError.
-            raise InvalidRequest(
-                f"the body is not valid JSON; expected {expected}", path=path
-            ) from None
+        return decode_body(raw, decoder, expected, path)
+
+
+def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T], expected: str, path: str) -> T:
+    """Decode a request body with `decoder`; anything wrong is a 400 naming the shape expected.
+
+    The one place body errors are mapped: messages name locations and types, never the input.
+    """
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.startswith("Object contains unknown field"):
+            # The field's name is not echoed: it is the caller's input.
+            message = "the body has an unknown field"
+        else:
+            message = f"the body has the wrong shape: {message}"
+        raise InvalidRequest(f"{message}; expected {expected}", path=path) from None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 raises the latter
+        raise InvalidRequest(
+            f"the body is not valid JSON; expected {expected}", path=path
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(
+            f"the body is nested too deeply; expected {expected}", path=path
+        ) from None
 
 
 def visible_keys(policy: Policy, principal: Principal, prefix: str, keys: list[str]) -> list[str]:

@@ -103,7 +103,7 @@ class SecretsManager:
         validate_path(path)
         if version is not None and (isinstance(version, bool) or version < 1):
             raise InvalidRequest("version must be a positive integer", path=path)
-        max_age = self.cache.ttl if self.bus_connected else self.fallback_ttl
+        max_age = self._max_age
         entry = self.cache.get(path, version, max_age)
         if entry is not None:
             return entry.secret, entry.body
@@ -125,12 +125,16 @@ class SecretsManager:
         Synchronous, for the HTTP fast path: nothing is read, and a miss is not counted (the
         caller then calls `get_document`, which counts it). `path` must be valid already.
         """
-        max_age = self.cache.ttl if self.bus_connected else self.fallback_ttl
-        entry = self.cache.get(path, None, max_age, count=False)
+        entry = self.cache.get(path, None, self._max_age, count=False)
         if entry is None:
             return None
         self.cache.hits += 1
         return entry.secret, entry.body
+
+    @property
+    def _max_age(self) -> float:
+        # While the bus is down, invalidations may be missed: only young entries are served.
+        return self.cache.ttl if self.bus_connected else self.fallback_ttl
 
     async def _load(self, path: str) -> Secret:
         # The read runs as its own task: a caller that gives up (timeout, disconnect) cancels
