@@ -26,12 +26,8 @@ class _Endpoint:
 @pytest.fixture(scope="module")
 def own_openbao() -> Iterator[OpenBaoServer]:
     """An OpenBao of this module's own, so freezing and stopping it disturbs no other test."""
-    server = OpenBaoServer()
-    server.start()
-    try:
+    with OpenBaoServer() as server:  # started here, stopped at the end
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

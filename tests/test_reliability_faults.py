@@ -38,12 +38,8 @@ VERSIONS_PER_PATH = 5
 
 @pytest.fixture
 def own_openbao() -> Iterator[OpenBaoServer]:
-    server = OpenBaoServer()
-    server.start()
-    try:
+    with OpenBaoServer() as server:  # started here, stopped at the end
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

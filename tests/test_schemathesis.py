@@ -29,12 +29,8 @@ SEED = "20261128"
 
 @pytest.fixture(scope="module")
 def fuzzed_openbao() -> Iterator[OpenBaoServer]:
-    server = OpenBaoServer()
-    server.start()
-    try:
+    with OpenBaoServer() as server:  # started here, stopped at the end
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
