@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -118,15 +119,42 @@ def find_binary(name: str, package: str) -> str:
 
 
 def _free_ports(count: int) -> list[int]:
-    # Hold every socket until all are bound, so one call never hands out the same port twice.
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """`count` distinct loopback ports free now, from outside the kernel's ephemeral range.
+
+    A port the kernel hands out for port 0 is an ephemeral one, which any outgoing connection
+    may take as its source port before the server that was given it binds it; the server then
+    exits at start. Ports outside that range are only ever taken by listeners.
+    """
+    low, high = _ephemeral_range()
+    candidates = [*range(max(1024, low - 12_000), low), *range(high + 1, 65536)]
+    random.shuffle(candidates)
+    sockets: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        for port in candidates:
+            if len(sockets) == count:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)  # held until all are bound: no port handed out twice
+        if len(sockets) == count:
+            return [sock.getsockname()[1] for sock in sockets]
+        raise DevStackError(f"fewer than {count} free ports outside {low}-{high}")
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
 
 
 def free_port() -> int:
@@ -425,6 +453,30 @@ class NatsServer:
         """Wait for the full health check: in a cluster, a JetStream meta leader is known."""
         self._wait_healthz("", timeout)
 
+    def wait_routed(self, peers: set[str], timeout: float = 15.0) -> None:
+        """Wait until this node has a route to every server named in `peers`.
+
+        A JetStream meta leader needs only a quorum of routes: a message published on a node
+        still missing one reaches no subscriber behind it.
+        """
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            while True:
+                try:
+                    routes = client.get(f"{self.monitor_url}/routez").json().get("routes") or []
+                    seen = {route.get("remote_name") for route in routes}
+                except (httpx.TransportError, ValueError):
+                    pass
+                if peers <= seen:
+                    return
+                if time.monotonic() >= deadline:
+                    raise DevStackError(
+                        f"nats-server at {self.url} has no route to {sorted(peers - seen)} "
+                        f"after {timeout}s; log tail:\n{self._log.tail()}"
+                    )
+                time.sleep(_POLL_INTERVAL)
+
     def _wait_healthz(self, query: str, timeout: float) -> None:
         process = self.process
         if process is None:
@@ -625,6 +677,9 @@ def start_nats_cluster(
             node.wait_ready(timeout)
         for node in nodes:
             node.wait_jetstream_current(timeout)
+        names = {f"{cluster_name}-{i}" for i in range(size)}
+        for i, node in enumerate(nodes):
+            node.wait_routed(names - {f"{cluster_name}-{i}"}, timeout)
     except BaseException:
         for node in nodes:
             node.stop()

@@ -180,4 +180,31 @@ async def cluster_services(
             if time.monotonic() > deadline:
                 raise AssertionError("instances never connected to NATS")
             await asyncio.sleep(0.01)
+        await _wait_meshed(services)
         yield services
+
+
+async def _wait_meshed(services: Sequence[RunningService], timeout: float = 10.0) -> None:
+    """Return once a message published by each instance reached every instance: connected is
+    not enough, since a subscription's interest reaches the other nodes over routes later."""
+    tag = f"_probe.{os.urandom(4).hex()}"
+    heard: list[set[str]] = [set() for _ in services]
+    subs = []
+    for i, svc in enumerate(services):
+
+        async def on_probe(msg: Any, i: int = i) -> None:
+            heard[i].add(msg.data.decode())
+
+        subs.append(await svc.state.bus.nc.subscribe(f"{tag}.>", cb=on_probe))
+    names = {str(i) for i in range(len(services))}
+    deadline = time.monotonic() + timeout
+    try:
+        while not all(h == names for h in heard):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"events do not flow between every instance: {heard}")
+            for i, svc in enumerate(services):
+                await svc.state.bus.nc.publish(f"{tag}.{i}", str(i).encode())
+            await asyncio.sleep(0.05)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
