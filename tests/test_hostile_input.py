@@ -41,6 +41,7 @@ async def target(
     tokens = {who: oidc.mint(who) for who in ("writer", "admin")}
     async with running_service(settings, backend=spy) as svc:
         yield Target(svc.url, spy, tokens)
+    await spy.aclose()  # injected: not the app's to close
 
 
 # -- paths -----------------------------------------------------------------------------------

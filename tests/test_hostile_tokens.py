@@ -148,6 +148,7 @@ async def target(
     spy = SpyBackend(HvacBackend(openbao.addr, token=openbao.root_token))
     async with running_service(settings, backend=spy) as svc:
         yield Target(svc.url, spy)
+    await spy.aclose()  # injected: not the app's to close
 
 
 # -- the corpus ------------------------------------------------------------------------------

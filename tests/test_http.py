@@ -104,6 +104,7 @@ async def stack(
                 yield s
             finally:
                 await s.client.aclose()
+    await spy.aclose()  # injected: not the app's to close
 
 
 def fresh(prefix: str = "app") -> str:
