@@ -12,6 +12,10 @@ Run it against two trees to compare, e.g. the commit before a change:
     .venv/bin/python bench/request_bench.py --label after
     git archive HEAD | tar -x -C /tmp/before && cp bench/request_bench.py /tmp/before/bench/
     .venv/bin/python /tmp/before/bench/request_bench.py --label before
+
+Then, with `--confirms N` (default 2000), it times the fail-closed confirmation of a write's
+audit record (`AuditLog.confirm`: the line sink, and JetStream with its acknowledgement) on its
+own, N times in a row.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(calls: int, environ: dict[str, str]) -> dict[str, float]:
+async def run(calls: int, confirms: int, environ: dict[str, str]) -> dict[str, float]:
     app = create_app(Settings.from_environ(environ))
     token = environ["BENCH_TOKEN"]
     async with app.router.lifespan_context(app) as state:
@@ -88,31 +92,64 @@ async def run(calls: int, environ: dict[str, str]) -> dict[str, float]:
             await one()
         assert set(statuses) == {200}, set(statuses)
         per_call: list[float] = []
+        each: list[float] = []  # every request on its own: the writer's turns show in the tail
         batch = 100
         # CPU time as well as wall time: on a shared machine the wall clock also counts the
         # time this process waited for a core.
         cpu_started = time.process_time_ns()
+        clock = time.perf_counter_ns
         for _ in range(calls // batch):
-            started = time.perf_counter_ns()
+            started = clock()
             for _ in range(batch):
+                before = clock()
                 await one()
-            per_call.append((time.perf_counter_ns() - started) / batch / 1000)
+                each.append((clock() - before) / 1000)
+            per_call.append((clock() - started) / batch / 1000)
         cpu_per_call = (time.process_time_ns() - cpu_started) / (calls // batch * batch) / 1000
         assert set(statuses) == {200}
+        confirmed = await time_confirms(state["audit"], confirms) if confirms else {}
         await asyncio.sleep(0.2)  # let the audit writer drain before the lifespan ends
+        audit_dropped = state["audit"].dropped
     return {
+        "audit_dropped": audit_dropped,
         "us_per_request_median": round(statistics.median(per_call), 2),
         "cpu_us_per_request": round(cpu_per_call, 2),
         "us_per_request_p10": round(pct(per_call, 0.10), 2),
         "us_per_request_p90": round(pct(per_call, 0.90), 2),
         "batches": len(per_call),
         "batch_size": batch,
+        "us_single_request_median": round(statistics.median(each), 2),
+        "us_single_request_p99": round(pct(each, 0.99), 2),
+        **confirmed,
+    }
+
+
+async def time_confirms(audit: Any, count: int) -> dict[str, float]:
+    """`AuditLog.confirm` of a write's record, `count` times: what a PATCH waits for."""
+    times: list[float] = []
+    cpu_started = time.process_time_ns()
+    for n in range(count):
+        record = audit.record(
+            request_id=f"confirm-{n}", op="write", method="PATCH", path="app/bench", version=n,
+            allowed=True, outcome="ok", status=200, reason=None, sub="writer", client_id="cli",
+            source="127.0.0.1",
+        )  # fmt: skip
+        started = time.perf_counter_ns()
+        assert await audit.confirm(record)
+        times.append((time.perf_counter_ns() - started) / 1000)
+        await asyncio.sleep(0)
+    cpu = (time.process_time_ns() - cpu_started) / count / 1000
+    return {
+        "confirm_us_median": round(statistics.median(times), 2),
+        "confirm_us_p99": round(pct(times, 0.99), 2),
+        "confirm_cpu_us": round(cpu, 2),  # the JetStream acknowledgements' handling included
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--confirms", type=int, default=2_000)
     parser.add_argument("--label", default="current tree")
     parser.add_argument("--audit-sink", default=None, help="SECRETS_AUDIT_SINK (default: a file)")
     parser.add_argument("--out", default=None)
@@ -140,7 +177,7 @@ def main() -> None:
         }
         with open(os.devnull, "w") as devnull:
             configure_logging("INFO", devnull)
-            result = asyncio.run(run(args.calls, environ))
+            result = asyncio.run(run(args.calls, args.confirms, environ))
             logging.getLogger().handlers.clear()
     audit = workdir / "audit.log"
     audit_lines = len(audit.read_bytes().splitlines()) if audit.exists() else None

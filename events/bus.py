@@ -64,7 +64,7 @@ async def ensure_stream(
     kind: str = "changed",
 ) -> None:
     """Create the stream of `<prefix>.<kind>.>` (change events by default), or update it to
-    this config: safe to call at every start."""
+    this config if it differs: safe to call at every start."""
     config = js_api.StreamConfig(
         name=name,
         subjects=[f"{prefix}.{kind}.>"],
@@ -74,11 +74,23 @@ async def ensure_stream(
         num_replicas=replicas,
     )
     try:
-        await js.stream_info(name)
+        info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(config)
-    else:
+        return
+    if _settings(info.config) != _settings(config):
+        # Each update is a round of the JetStream cluster's consensus: only when needed.
         await js.update_stream(config)
+
+
+def _settings(config: js_api.StreamConfig) -> tuple[Any, ...]:
+    return (
+        tuple(config.subjects or ()),
+        config.storage,
+        config.max_age,
+        config.duplicate_window,
+        config.num_replicas,
+    )
 
 
 class EventBus:
@@ -144,20 +156,29 @@ class EventBus:
                 "SECRETS_NATS_URL", f"cannot connect to NATS: {type(exc).__name__}"
             ) from None
         self.js = self.nc.jetstream()
-        try:
-            await ensure_stream(self.js, self.prefix, replicas=self.replicas)
-            await ensure_stream(
-                self.js,
-                self.prefix,
-                name=AUDIT_STREAM,
-                kind="audit",
-                max_age=AUDIT_MAX_AGE,
-                replicas=self.replicas,
-            )
-        except (NatsError, JsError, TimeoutError) as exc:
-            raise ConfigError(
-                "SECRETS_NATS_URL", f"JetStream unavailable ({type(exc).__name__}): run with -js"
-            ) from None
+        # A JetStream cluster that is starting too (a fresh deployment) may answer nothing or
+        # "unavailable" for some seconds while it elects leaders: wait for it, within bounds.
+        deadline = time.monotonic() + 3 * connect_timeout
+        while True:
+            try:
+                await ensure_stream(self.js, self.prefix, replicas=self.replicas)
+                await ensure_stream(
+                    self.js,
+                    self.prefix,
+                    name=AUDIT_STREAM,
+                    kind="audit",
+                    max_age=AUDIT_MAX_AGE,
+                    replicas=self.replicas,
+                )
+                break
+            except (NatsError, JsError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        "SECRETS_NATS_URL",
+                        f"JetStream unavailable ({type(exc).__name__}): run with -js",
+                    ) from None
+                log.warning("JetStream not ready yet", extra={"error_type": type(exc).__name__})
+                await asyncio.sleep(0.5)
         await self.nc.subscribe(f"{self.prefix}.changed.>", cb=self._on_message)
         handler.bus_up(replayed=True)  # nothing cached yet: nothing to drop
 
@@ -212,9 +233,10 @@ class EventBus:
         )
 
     async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
-        """Publish one audit record on `<prefix>.audit.<op>` (stored by SECRETS_AUDIT).
+        """Publish audit records on `<prefix>.audit.<op>` (stored by SECRETS_AUDIT): `payload`
+        is one record, or several of that op, one JSON object per line.
 
-        With `acknowledged`, True only once JetStream confirmed it stored the record; without,
+        With `acknowledged`, True only once JetStream confirmed it stored the payload; without,
         True once it is handed to the connection (a plain publish: no round trip, for records
         written in the background). `op` must be a subject token. Never raises.
         """

@@ -4,13 +4,14 @@ Records go to a line sink (SECRETS_AUDIT_SINK: JSON lines on stdout or appended 
 to NATS on `<prefix>.audit.<op>`, stored in the JetStream stream SECRETS_AUDIT. Each sink is an
 audit device in Vault's sense: a record is recorded once *any* of them accepted it.
 
-Off the hot path: a record is queued, and one background task writes what gathered every 50 ms
-(sooner when a batch fills): one write to the line sink per batch, and a plain NATS publish per
-record, without waiting for JetStream's acknowledgement. A read pays for building a small
-struct (its time formatted cheaply, `service.timestamps`) and a queue put; the struct holds
-only strings and numbers, so the garbage collector never tracks the records waiting in the
-queue. What SECRETS_AUDIT_FAIL_CLOSED covers (`writes` by default, `all`, or `none`) is
-confirmed instead, each record on its own, JetStream's acknowledgement included:
+Off the hot path: a record is encoded and queued, and one background task writes what gathered
+every 50 ms (sooner when a batch fills): one write to the line sink per batch, and a plain NATS
+publish per run of records of one op (JSON lines, one object per line, up to 64 KiB a
+message), without waiting for JetStream's acknowledgement. A read pays for building a small
+struct (its time formatted cheaply, `service.timestamps`), encoding it and a list append; a
+queued record is bytes, which the garbage collector never tracks. What
+SECRETS_AUDIT_FAIL_CLOSED covers (`writes` by default, `all`, or `none`) is confirmed instead,
+each record on its own (one record per NATS message), JetStream's acknowledgement included:
 
 - before the operation, a covered request is refused with 503 when every sink is known to be
   failing (the last write to it failed, NATS is disconnected, or the queue overflowed), so
@@ -19,6 +20,10 @@ confirmed instead, each record on its own, JetStream's acknowledgement included:
   client gets 503 in place of the answer. As with Vault's audit devices, a write may then have
   happened although the client saw an error: writes are check-and-set, so a retry with the same
   version answers 409 rather than writing twice.
+
+A line sink on a regular file takes a confirmed record from the event loop itself (a few µs;
+the record is the OS's once `write` returned); a pipe or a terminal, whose writes can block,
+from a worker thread, as do batches.
 
 `writes` is the default because a change that nobody can trace is worse than a change refused,
 while refusing reads whenever the log hiccups would make the audit log the availability bottle
@@ -32,8 +37,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import sys
-from typing import BinaryIO, Protocol
+import threading
+from collections.abc import Coroutine
+from typing import Any, BinaryIO, Protocol
 
 import anyio
 from anyio import to_thread
@@ -55,9 +63,15 @@ AUDIT_OPS = READ_OPS | {"write", "delete", "undelete", "destroy", "rollback", "o
 FAIL_CLOSED_MODES = ("writes", "all", "none")
 
 
+_MESSAGE_BYTES = 64 * 1024
+"""At most this much of a batch per NATS message, far below NATS's default max_payload (1 MiB)."""
+
+
 class AuditPublisher(Protocol):
-    """The NATS side (EventBus): True once JetStream acknowledged the record or, without
-    `acknowledged`, once the connection took it. Never raises."""
+    """The NATS side (EventBus): True once JetStream acknowledged the payload or, without
+    `acknowledged`, once the connection took it. Never raises.
+
+    A payload is one record, or (not acknowledged) several records of one op, a line each."""
 
     @property
     def connected(self) -> bool: ...
@@ -68,7 +82,8 @@ class AuditPublisher(Protocol):
 
 
 class LineSink:
-    """JSON lines to a binary stream, flushed after each batch. Called from worker threads.
+    """JSON lines to a binary stream, flushed after each write. One write at a time: a line is
+    never split by another write, whichever thread makes it.
 
     Without a stream it writes to whatever `sys.stdout` is at the time.
     """
@@ -77,6 +92,8 @@ class LineSink:
         self.stream = stream
         self.name = name  # "stdout" or "file": a metric label
         self._owned = owned
+        self._lock = threading.Lock()
+        self._regular = _is_regular(stream) if stream is not None else None
 
     @classmethod
     def open(cls, spec: str) -> LineSink | None:
@@ -95,6 +112,23 @@ class LineSink:
         return cls(fd, "file", owned=True)
 
     def write(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def try_write_now(self, data: bytes) -> bool:
+        """Write `data` if that cannot block: the stream is a regular file and no other write is
+        under way (a batch from the worker thread). True once written, False if not tried;
+        raises as `write` does."""
+        regular = self._regular if self._regular is not None else _is_regular(None)
+        if not regular or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._write(data)
+        finally:
+            self._lock.release()
+        return True
+
+    def _write(self, data: bytes) -> None:
         stream = self.stream if self.stream is not None else sys.stdout.buffer
         stream.write(data)
         stream.flush()
@@ -108,6 +142,16 @@ class LineSink:
 def _open_append(path: str) -> BinaryIO:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     return os.fdopen(fd, "ab")
+
+
+def _is_regular(stream: BinaryIO | None) -> bool:
+    """Whether `stream` (None: stdout as it is now) is a regular file: a write to it never
+    waits for a reader."""
+    try:
+        fd = (stream if stream is not None else sys.stdout.buffer).fileno()
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except (OSError, ValueError, AttributeError):  # no descriptor (io.UnsupportedOperation)
+        return False
 
 
 class AuditLog:
@@ -135,8 +179,12 @@ class AuditLog:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.timeout = timeout
-        self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue(queue_size)
-        self._limiter = anyio.CapacityLimiter(1)  # one write at a time keeps lines whole
+        self.queue_size = queue_size
+        # (op, encoded record): a list and an event, cheaper per record than an asyncio.Queue.
+        self._queue: list[tuple[str, bytes]] = []
+        self._queued = asyncio.Event()
+        self._closing = False
+        self._limiter = anyio.CapacityLimiter(1)  # one worker thread writes, in order
         self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
         self._line_ok = True
@@ -210,15 +258,17 @@ class AuditLog:
 
     def submit(self, record: AuditRecord) -> None:
         """Queue `record` for the background writer; never blocks, never raises."""
-        if not self.enabled:
+        if not self._enabled:
             return
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
+        if len(self._queue) >= self.queue_size:
             self.dropped += 1
             if not self._backlogged:
                 log.error("audit queue full: records dropped, fail-closed operations refused")
             self._backlogged = True
+            return
+        self._queue.append((record.op, audit_encoder.encode(record)))
+        if not self._queued.is_set():
+            self._queued.set()
 
     async def confirm(self, record: AuditRecord) -> bool:
         """Write `record` now; True as soon as one sink accepted it (the others carry on)."""
@@ -227,17 +277,30 @@ class AuditLog:
         payload = audit_encoder.encode(record)
         loop = asyncio.get_running_loop()
         attempts: list[asyncio.Task[bool]] = []
-        if self.line is not None:
-            attempts.append(loop.create_task(self._write_line(payload + b"\n", 1)))
         if self.publisher is not None:
-            attempts.append(loop.create_task(self._publish([record], [payload], acked=True)))
+            attempts.append(loop.create_task(self._publish_one(record.op, payload)))
+        if self.line is not None:
+            try:
+                direct = self.line.try_write_now(payload + b"\n")
+            except (OSError, ValueError) as exc:  # ValueError: the stream was closed under us
+                self._line_written(1, exc)
+            else:
+                if direct:
+                    self._line_written(1, None)
+                    for task in attempts:  # JetStream stores it too, in the background
+                        self._keep(task)
+                    return True
+                attempts.append(loop.create_task(self._write_line(payload + b"\n", 1)))
         for task in attempts:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._keep(task)
         for next_done in asyncio.as_completed(attempts):
             if await next_done:
                 return True
         return False
+
+    def _keep(self, task: asyncio.Task[bool]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._run())
@@ -245,8 +308,10 @@ class AuditLog:
     async def aclose(self) -> None:
         """Write what is queued (for up to `timeout` seconds), then stop and close the file."""
         if self._writer is not None:
+            self._closing = True
+            self._queued.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), self.timeout)
+                await asyncio.wait_for(asyncio.shield(self._writer), self.timeout)
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -257,78 +322,96 @@ class AuditLog:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            if self._queue.qsize() < self.batch_size and self.flush_interval > 0:
-                # Quiet: let records gather, so that one write (one thread hop) carries many.
-                await asyncio.sleep(self.flush_interval)
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            if not self._queue:
+                if self._closing:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            if len(self._queue) < self.batch_size and self.flush_interval > 0:
+                if not self._closing:
+                    # Quiet: let records gather, so that one write (one thread hop) carries many.
+                    await asyncio.sleep(self.flush_interval)
+            batch = self._queue[: self.batch_size]
+            del self._queue[: self.batch_size]
             try:
                 await self._deliver(batch)
             except Exception:  # noqa: BLE001 - the writer must outlive any one batch
                 log.exception("audit batch failed")
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if self._backlogged and self._queue.qsize() < self._queue.maxsize // 2:
+            if self._backlogged and len(self._queue) < self.queue_size // 2:
                 self._backlogged = False
                 log.warning("audit queue drained: accepting fail-closed operations again")
 
-    async def _deliver(self, batch: list[AuditRecord]) -> None:
-        payloads = [audit_encoder.encode(record) for record in batch]
-        jobs = []
+    async def _deliver(self, batch: list[tuple[str, bytes]]) -> None:
+        jobs: list[Coroutine[Any, Any, object]] = []
         if self.line is not None:
-            jobs.append(self._write_line(b"".join(p + b"\n" for p in payloads), len(batch)))
+            lines = b"\n".join([payload for _, payload in batch]) + b"\n"
+            jobs.append(self._write_line(lines, len(batch)))
         if self.publisher is not None:
-            jobs.append(self._publish(batch, payloads, acked=False))
+            jobs.append(self._publish_batch(batch))
         await asyncio.gather(*jobs)
 
     async def _write_line(self, data: bytes, count: int) -> bool:
         assert self.line is not None
-        sink = self.line
         try:
             with anyio.fail_after(self.timeout):
                 await to_thread.run_sync(
-                    sink.write, data, limiter=self._limiter, abandon_on_cancel=True
+                    self.line.write, data, limiter=self._limiter, abandon_on_cancel=True
                 )
         except (OSError, ValueError, TimeoutError) as exc:
             # ValueError: the stream was closed under us.
-            self.failed[sink.name] += count
+            return self._line_written(count, exc)
+        return self._line_written(count, None)
+
+    def _line_written(self, count: int, error: Exception | None) -> bool:
+        """Count a write of `count` records to the line sink (failed with `error` unless None)
+        and follow the sink's health; True if it succeeded."""
+        assert self.line is not None
+        sink = self.line.name
+        if error is not None:
+            self.failed[sink] += count
             if self._line_ok:
                 log.error(
-                    "audit sink failed", extra={"sink": sink.name, "error_type": type(exc).__name__}
+                    "audit sink failed", extra={"sink": sink, "error_type": type(error).__name__}
                 )
             self._line_ok = False
             return False
-        self.written[sink.name] += count
+        self.written[sink] += count
         if not self._line_ok:
-            log.warning("audit sink recovered", extra={"sink": sink.name})
+            log.warning("audit sink recovered", extra={"sink": sink})
         self._line_ok = True
         return True
 
-    async def _publish(
-        self, batch: list[AuditRecord], payloads: list[bytes], *, acked: bool
-    ) -> bool:
+    async def _publish_one(self, op: str, payload: bytes) -> bool:
         assert self.publisher is not None
-        publish = self.publisher.publish_audit
-        if acked:
-            results = await asyncio.gather(
-                *(publish(r.op, p) for r, p in zip(batch, payloads, strict=True))
-            )
+        ok = await self.publisher.publish_audit(op, payload)
+        if ok:
+            self.written["nats"] += 1
         else:
-            # Handed to the connection one after the other: no round trip per record.
-            results = [
-                await publish(r.op, p, acknowledged=False)
-                for r, p in zip(batch, payloads, strict=True)
-            ]
-        ok = sum(results)
-        self.written["nats"] += ok
-        self.failed["nats"] += len(results) - ok
-        if acked:
-            # Only an acknowledgement proves JetStream stores records; a plain publish that
-            # fails means a lost connection, which `healthy` sees through `connected`.
-            self._nats_ok = ok == len(results)
-        return ok == len(results)
+            self.failed["nats"] += 1
+        # Only an acknowledgement proves JetStream stores records; a plain publish that fails
+        # means a lost connection, which `healthy` sees through `connected`.
+        self._nats_ok = ok
+        return ok
+
+    async def _publish_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """A plain publish (no round trip) per run of records of one op, as lines, in order."""
+        run: list[bytes] = []
+        run_op = ""
+        size = 0
+        for op, payload in batch:
+            if run and (op != run_op or size + len(payload) > _MESSAGE_BYTES):
+                await self._publish_run(run_op, run)
+                run, size = [], 0
+            run_op = op
+            run.append(payload)
+            size += len(payload) + 1
+        if run:
+            await self._publish_run(run_op, run)
+
+    async def _publish_run(self, op: str, payloads: list[bytes]) -> None:
+        assert self.publisher is not None
+        if await self.publisher.publish_audit(op, b"\n".join(payloads), acknowledged=False):
+            self.written["nats"] += len(payloads)
+        else:
+            self.failed["nats"] += len(payloads)

@@ -47,6 +47,10 @@ _HIDDEN: dict[str, bool] = {}
 _FIELDS = "_fields"  # attribute of a log_request record: its fields, the context included
 _TEMPLATES: dict[str, dict[str, Any]] = {}  # logger name -> attributes of its request lines
 _SCALARS = (str, int, float, bool)
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+_OWN = frozenset({"time", "level", "logger", "message"})  # the formatter's fields
+_SHOWN: set[str] = set()  # names that are never hidden, nor one of the formatter's fields
+_HEADS: dict[str, str] = {}  # logger name -> its request lines' fields after `time`
 _encode = msgspec.json.Encoder().encode
 
 
@@ -86,6 +90,8 @@ def _hidden(key: str) -> bool:
         hidden = key.startswith("_") or key.lower() in _FORBIDDEN
         if len(_HIDDEN) < 4096:
             _HIDDEN[key] = hidden
+            if not hidden and key not in _OWN:
+                _SHOWN.add(key)
     return hidden
 
 
@@ -98,12 +104,22 @@ def _shown(value: Any) -> Any:
 def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """Log the one line of a request: its context and outcome, `fields`, at INFO.
 
-    The record `logger.info("request", extra=fields)` would make, 2 µs cheaper (6 against 8,
-    formatting included): it is copied from a template (LogRecord.__init__ spends most of its
-    2 µs on attributes these lines never show) and carries `fields` whole, so JsonFormatter
+    Writes what `logger.info("request", extra=fields)` would. Where every handler the line
+    reaches is a plain BatchingStreamHandler with a JsonFormatter (as `configure_logging`
+    sets up), the line is formatted here and queued on them directly: no LogRecord, no handler
+    and filter machinery (measured: 3 µs against 6 for the record path below, formatting
+    included). Otherwise a record is copied from a template (LogRecord.__init__ spends most of
+    its 2 µs on attributes these lines never show) and carries `fields` whole, so JsonFormatter
     need not pick them out of the record's two dozen attributes.
     """
     if not logger.isEnabledFor(logging.INFO):
+        return
+    handlers = _batching_handlers(logger)
+    if handlers:
+        now = time.time()
+        line = _request_line(utc_millis(now, (now - int(now)) * 1000), logger.name, fields)
+        for handler in handlers:
+            handler.emit_line(line)
         return
     template = _TEMPLATES.get(logger.name)
     if template is None:
@@ -121,6 +137,50 @@ def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
     attributes["relativeCreated"] = template["relativeCreated"] + (now - template["created"]) * 1000
     attributes[_FIELDS] = fields
     logger.handle(record)
+
+
+def _batching_handlers(logger: logging.Logger) -> list[BatchingStreamHandler] | None:
+    """The handlers an INFO line of `logger` reaches, if all of them take `emit_line`."""
+    if logger.disabled or logger.filters:
+        return None
+    found: list[BatchingStreamHandler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if (
+                type(handler) is not BatchingStreamHandler
+                or type(handler.formatter) is not JsonFormatter
+                or handler.filters
+                or handler.level > logging.INFO
+            ):
+                return None
+            found.append(handler)
+        if not current.propagate:
+            break
+        current = current.parent
+    return found or None  # none: logging's lastResort decides, as for any record
+
+
+def _request_line(when: str, name: str, fields: dict[str, Any]) -> str:
+    """What JsonFormatter.format makes of a log_request record."""
+    if fields and fields.keys() <= _SHOWN and _SCALAR_TYPES.issuperset(map(type, fields.values())):
+        # Every field is shown as it is (the usual case): encoded whole, after the constant
+        # head; msgspec writes a dict's items in order, as it would in `out` below.
+        head = _HEADS.get(name)
+        if head is None:
+            head = _HEADS[name] = _encode(
+                {"level": "INFO", "logger": name, "message": "request"}
+            ).decode()[1:-1]
+        return f'{{"time":"{when}",{head},{_encode(fields)[1:].decode()}'
+    out: dict[str, Any] = {"time": when, "level": "INFO", "logger": name, "message": "request"}
+    hidden_names = _HIDDEN
+    for key, value in fields.items():
+        hidden = hidden_names.get(key)
+        if hidden is None:
+            hidden = _hidden(key)
+        if not hidden:
+            out[key] = value if value is None or isinstance(value, _SCALARS) else _shown(value)
+    return _encode(out).decode()
 
 
 class BatchingStreamHandler(logging.StreamHandler[Any]):
@@ -147,11 +207,22 @@ class BatchingStreamHandler(logging.StreamHandler[Any]):
     def emit(self, record: logging.LogRecord) -> None:
         # Called with self.lock held (Handler.handle).
         try:
-            self._pending.append(self.format(record))
+            line = self.format(record)
         except Exception:  # noqa: BLE001 - as logging.StreamHandler: report, never raise
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or len(self._pending) >= self.limit:
+        self._queue(line, record.levelno)
+
+    def emit_line(self, line: str) -> None:
+        """Queue an INFO line formatted already (`log_request`), as `emit` queues a record's."""
+        assert self.lock is not None  # Handler.__init__ made it
+        with self.lock:
+            self._queue(line, logging.INFO)
+
+    def _queue(self, line: str, level: int) -> None:
+        # Called with self.lock held.
+        self._pending.append(line)
+        if level >= logging.WARNING or len(self._pending) >= self.limit:
             self._write_pending()
         elif len(self._pending) == 1:
             if self._writer is None and not self._closed:

@@ -87,6 +87,8 @@ class SecretsManager:
         # path -> versions known deleted or destroyed: never cached, whatever read lands late.
         self._gone: OrderedDict[str, set[int]] = OrderedDict()
         self._seen_lifecycle: OrderedDict[str, None] = OrderedDict()
+        # path -> the version listeners last heard: each is told of a version once, in order.
+        self._heard: OrderedDict[str, int] = OrderedDict()
         self.listener_errors = 0
         # The built-in rules unless the policy's [validation] section says more.
         self.validator = validator or Validator()
@@ -192,7 +194,7 @@ class SecretsManager:
         newest = self._advance(path, secret.version)
         self._cache_latest(secret)
         self._announce(path, secret.version, actor)
-        if newest:
+        if newest and self._hear(path, secret.version):
             # If a newer version's event came first, listeners heard of that one instead.
             self._notify(path, secret.data)
         return secret
@@ -316,7 +318,9 @@ class SecretsManager:
         """Another instance (or Vault directly) made `version` of `path`: evict, then notify.
 
         Eviction happens before this returns; listeners are called in the background with the
-        value read once and shared by all of them.
+        value read once and shared by all of them. They hear each version at most once and
+        never an older after a newer: events from several instances may arrive out of order,
+        and a version already superseded when its event (or read) lands is not told again.
         """
         newest = self._advance(path, version)
         self.cache.invalidate(path, version)
@@ -325,10 +329,15 @@ class SecretsManager:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _read_and_notify(self, path: str) -> None:
+    async def _read_and_notify(self, path: str, *, again: bool = False) -> None:
+        """Tell listeners the value a read now returns: unless they heard that version already
+        (`again`: an undelete, which brings back a version they heard before its deletion)."""
         value: SecretData | None
         try:
-            value = (await self.get(path)).data
+            secret = await self.get(path)
+            if not self._hear(path, secret.version, again=again):
+                return
+            value = secret.data
         except NotFound:
             value = None  # deleted meanwhile: listeners still hear of the change
         except SecretsError:
@@ -371,11 +380,23 @@ class SecretsManager:
         if not changed or not self._listeners:
             return
         if not isinstance(event, SecretUndeleted) and event.version in versions:
+            self._heard.pop(path, None)
             self._notify(path, None)  # the current version is gone: nothing to read
             return
-        task = asyncio.get_running_loop().create_task(self._read_and_notify(path))
+        again = isinstance(event, SecretUndeleted)
+        task = asyncio.get_running_loop().create_task(self._read_and_notify(path, again=again))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _hear(self, path: str, version: int, *, again: bool = False) -> bool:
+        """Record that listeners are told of `version`; False if they heard it or a newer one."""
+        if self._heard.get(path, 0) >= version and not again:
+            return False
+        self._heard[path] = version
+        self._heard.move_to_end(path)
+        if len(self._heard) > _KNOWN_MAX:
+            self._heard.popitem(last=False)
+        return True
 
     def _advance(self, path: str, version: int) -> bool:
         """Record that `version` of `path` exists; True if it is newer than any known before.

@@ -146,7 +146,7 @@ class HvacBackend:
         )
 
     async def write(self, path: str, data: Mapping[str, Any], cas: int) -> Secret:
-        payload = _encode({"options": {"cas": cas}, "data": data})
+        payload = _encode({"options": {"cas": cas}, "data": dict(data)})  # SecretData too
         target = f"/v1/{self._mount}/data/{path}"
         try:
             response = await self._fetch("write", path, "POST", target, payload)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO, cast
 
 import pytest
@@ -34,6 +37,12 @@ class FakePublisher:
         if self.ok:
             self.published.append((op, payload))
         return self.ok
+
+    def records(self) -> list[AuditRecord]:
+        """What was published, record by record: a payload holds one or more, a line each."""
+        return [
+            audit_decoder.decode(line) for _, data in self.published for line in data.split(b"\n")
+        ]
 
 
 class FlakyStream:
@@ -133,8 +142,12 @@ async def test_a_burst_is_written_in_batches_and_in_order(make: MakeLog) -> None
     audit = await make(line=line_sink(stream), publisher=nats, batch_size=64)
     for n in range(500):
         audit.submit(record(audit, request_id=f"r-{n}"))
-    await eventually(lambda: len(stream.records()) == 500 and len(nats.published) == 500)
+    await eventually(lambda: len(stream.records()) == 500 and len(nats.records()) == 500)
     assert [r.request_id for r in stream.records()] == [f"r-{n}" for n in range(500)]
+    assert [r.request_id for r in nats.records()] == [f"r-{n}" for n in range(500)]
+    # A plain publish per batch of 64 (not per record), each record a JSON line in it.
+    assert len(nats.published) == 8 and nats.published[0][1].count(b"\n") == 63
+    assert audit.written == {"stdout": 0, "file": 500, "nats": 500}
 
 
 async def test_an_unknown_op_is_recorded_as_other(make: MakeLog) -> None:
@@ -280,3 +293,166 @@ def test_an_unwritable_audit_file_is_a_config_error_naming_the_setting(tmp_path:
     with pytest.raises(ConfigError) as error:
         LineSink.open(f"file:{tmp_path / 'missing-dir' / 'audit.log'}")
     assert error.value.setting == "SECRETS_AUDIT_SINK"
+
+
+# -- where a confirmed record is written from ---------------------------------------------
+
+
+class NotedFile:
+    """A real file or pipe end that notes which thread wrote each time; `hold` makes the next
+    write wait (with `entered` set) until `release` is set."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.threads: list[int] = []
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def write(self, data: bytes) -> int:
+        self.threads.append(threading.get_ident())
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            self.release.wait(5)
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def noted_file(tmp_path: Path) -> NotedFile:
+    return NotedFile(open(tmp_path / "audit.log", "ab"))  # closed by the sink (owned)
+
+
+async def test_a_confirmed_record_goes_to_a_regular_file_from_the_event_loop_itself(
+    make: MakeLog, tmp_path: Path
+) -> None:
+    stream = noted_file(tmp_path)
+    audit = await make(line=LineSink(cast(BinaryIO, stream), "file", owned=True), publisher=None)
+    confirmed = record(audit, "write", request_id="w-1")
+    assert await audit.confirm(confirmed)
+    assert stream.threads == [threading.get_ident()]  # no worker thread
+    assert audit_decoder.decode((tmp_path / "audit.log").read_bytes()) == confirmed
+    assert audit.written["file"] == 1
+    audit.submit(record(audit, request_id="r-1"))  # a batch still goes through the thread
+    await eventually(lambda: len(stream.threads) == 2)
+    assert stream.threads[1] != threading.get_ident()
+
+
+async def test_a_confirmed_record_goes_to_a_pipe_from_a_worker_thread(make: MakeLog) -> None:
+    read_end, write_end = os.pipe()
+    stream = NotedFile(os.fdopen(write_end, "wb"))
+    try:
+        audit = await make(
+            line=LineSink(cast(BinaryIO, stream), "stdout", owned=True), publisher=None
+        )
+        confirmed = record(audit, "write")
+        assert await audit.confirm(confirmed)
+        assert len(stream.threads) == 1 and stream.threads[0] != threading.get_ident()
+        assert audit_decoder.decode(os.read(read_end, 65536)) == confirmed
+    finally:
+        os.close(read_end)
+
+
+async def test_a_confirmed_record_waits_for_a_batch_being_written_and_never_splits_it(
+    make: MakeLog, tmp_path: Path
+) -> None:
+    stream = noted_file(tmp_path)
+    audit = await make(line=LineSink(cast(BinaryIO, stream), "file", owned=True), publisher=None)
+    stream.hold = True
+    for n in range(50):
+        audit.submit(record(audit, request_id=f"r-{n}"))
+    await asyncio.to_thread(stream.entered.wait, 5)  # the batch is being written
+    confirming = asyncio.ensure_future(audit.confirm(record(audit, "write", request_id="w-1")))
+    await asyncio.sleep(0.05)
+    assert not confirming.done()  # not written from the loop while the batch holds the sink
+    stream.release.set()
+    assert await confirming
+    written = [r.request_id for r in map(audit_decoder.decode, stream_lines(tmp_path))]
+    assert written == [f"r-{n}" for n in range(50)] + ["w-1"]
+
+
+async def test_stdout_is_written_from_the_event_loop_only_while_it_is_a_regular_file(
+    make: MakeLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = noted_file(tmp_path)
+    audit = await make(line=LineSink(None, "stdout"), publisher=None)
+    try:
+        monkeypatch.setattr(sys, "stdout", SimpleNamespace(buffer=stream))
+        assert await audit.confirm(record(audit, "write"))
+        assert stream.threads == [threading.get_ident()]
+        monkeypatch.setattr(sys, "stdout", SimpleNamespace(buffer=FlakyStream()))  # no fd
+        assert await audit.confirm(record(audit, "write"))
+        assert len(cast(FlakyStream, sys.stdout.buffer).records()) == 1
+        assert audit.written["stdout"] == 2
+    finally:
+        stream.close()
+
+
+async def test_a_failed_write_to_a_regular_file_leaves_the_record_to_jetstream(
+    make: MakeLog, tmp_path: Path
+) -> None:
+    stream, nats = noted_file(tmp_path), FakePublisher()
+    stream.fail = True
+    audit = await make(line=LineSink(cast(BinaryIO, stream), "file", owned=True), publisher=nats)
+    assert await audit.confirm(record(audit, "write"))
+    assert nats.acknowledged == [True] and len(nats.records()) == 1
+    assert audit.failed["file"] == 1 and audit.written["nats"] == 1
+    nats.ok = False
+    assert not await audit.confirm(record(audit, "write"))
+    assert not audit.healthy
+
+
+async def test_jetstream_still_gets_a_record_written_directly_to_the_file(
+    make: MakeLog, tmp_path: Path
+) -> None:
+    stream, nats = noted_file(tmp_path), FakePublisher()
+    nats.delay = 0.05
+    audit = await make(line=LineSink(cast(BinaryIO, stream), "file", owned=True), publisher=nats)
+    confirmed = record(audit, "write")
+    assert await audit.confirm(confirmed)
+    assert nats.published == []  # the file took it: not waiting for the acknowledgement
+    await eventually(lambda: nats.records() == [confirmed])
+    assert nats.acknowledged == [True]
+
+
+def stream_lines(tmp_path: Path) -> list[bytes]:
+    return (tmp_path / "audit.log").read_bytes().splitlines()
+
+
+# -- NATS messages of the background writer --------------------------------------------------
+
+
+async def test_background_records_go_to_nats_as_lines_one_message_per_run_of_one_op(
+    make: MakeLog,
+) -> None:
+    nats = FakePublisher()
+    audit = await make(line=None, publisher=nats)
+    for n, op in enumerate(["read", "read", "write", "read"]):
+        audit.submit(record(audit, op, request_id=f"r-{n}"))
+    await eventually(lambda: len(nats.records()) == 4)
+    assert [(op, data.count(b"\n") + 1) for op, data in nats.published] == [
+        ("read", 2), ("write", 1), ("read", 1),
+    ]  # fmt: skip
+    assert [r.request_id for r in nats.records()] == ["r-0", "r-1", "r-2", "r-3"]
+
+
+async def test_a_long_run_is_split_into_messages_of_at_most_64_kib(make: MakeLog) -> None:
+    nats = FakePublisher()
+    audit = await make(line=None, publisher=nats)
+    for n in range(400):
+        audit.submit(record(audit, request_id=f"r-{n}", path="app/" + "p" * 500))
+    await eventually(lambda: len(nats.records()) == 400)
+    assert len(nats.published) >= 4
+    assert all(len(data) <= 64 * 1024 for _, data in nats.published)
+    assert [r.request_id for r in nats.records()] == [f"r-{n}" for n in range(400)]

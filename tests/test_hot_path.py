@@ -132,6 +132,73 @@ def test_log_request_below_the_level_makes_no_record() -> None:
     assert stream.getvalue() == ""
 
 
+def batching(name: str) -> tuple[logging.Logger, io.StringIO, BatchingStreamHandler]:
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=60)  # written on close only
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream, handler
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},  # every field shown as it is: encoded whole
+        {"password": CANARY, "items": [CANARY], "data": CANARY, "_private": CANARY},
+    ],
+)
+def test_log_request_to_batching_handlers_skips_the_record_but_writes_the_same_line(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, object]
+) -> None:
+    formatted: list[logging.LogRecord] = []
+    format_record = JsonFormatter.format
+
+    def noting(self: JsonFormatter, record: logging.LogRecord) -> str:
+        formatted.append(record)
+        return format_record(self, record)
+
+    monkeypatch.setattr(JsonFormatter, "format", noting)
+    logger, stream, handler = batching("secrets.test.hot.batching")
+    fields = {
+        "request_id": "r-1", "actor": "al\"ice\n", "client_id": None, "path": PATH,
+        "op": "read", "version": 2, **extra, "method": "GET", "status": 200, "outcome": "ok",
+        "duration_ms": 0.051,
+    }  # fmt: skip
+    try:
+        handler.addFilter(lambda record: True)  # a filter: the record path, as before
+        log_request(logger, dict(fields))
+        assert len(formatted) == 1
+        handler.filters.clear()
+        log_request(logger, dict(fields))
+        assert len(formatted) == 1  # no record made, nor formatted
+    finally:
+        handler.close()
+    classic, fast = stream.getvalue().splitlines()
+    assert fast[:9] == classic[:9] == '{"time":"'
+    assert fast[38:] == classic[38:]  # all but the time, byte for byte
+    assert datetime.fromisoformat(json.loads(fast)["time"]).tzinfo is not None
+    assert CANARY not in stream.getvalue()
+    assert list(json.loads(fast))[:4] == ["time", "level", "logger", "message"]
+
+
+def test_log_request_honours_a_batching_handler_s_level_and_filters() -> None:
+    logger, stream, handler = batching("secrets.test.hot.filtered")
+    try:
+        handler.addFilter(lambda record: False)
+        log_request(logger, {"request_id": "r-1"})
+        handler.filters.clear()
+        handler.setLevel(logging.WARNING)
+        log_request(logger, {"request_id": "r-2"})
+        handler.setLevel(logging.NOTSET)
+        log_request(logger, {"request_id": "r-3"})
+    finally:
+        handler.close()
+    assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["r-3"]
+
+
 def test_the_batching_handler_keeps_order_writes_warnings_at_once_and_the_rest_on_close() -> None:
     stream = io.StringIO()
     handler = BatchingStreamHandler(stream, interval=60)  # the writer thread will not fire

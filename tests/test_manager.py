@@ -604,6 +604,29 @@ async def test_the_echo_of_an_own_write_does_not_call_listeners_again(make: Make
     assert calls == [(PATH, ONE)]
 
 
+async def test_listeners_hear_each_version_once_in_order_when_events_arrive_out_of_order(
+    vault: FakeVault, make: MakeManager
+) -> None:
+    manager = make()
+    calls: list[Any] = []
+
+    async def listener(path: str, value: SecretData | None) -> None:
+        calls.append(None if value is None else value["n"])
+
+    manager.add_listener("l", listener)
+    for n in ("1", "2", "3"):
+        vault.seed(PATH, {"n": n})
+    manager.apply_change(PATH, 2)  # its read answers version 3, already written
+    await eventually(lambda: calls == ["3"])
+    manager.apply_change(PATH, 3)  # nothing newer to tell
+    manager.apply_change(PATH, 1)  # late, from another instance's route
+    vault.seed(PATH, {"n": "4"})
+    manager.apply_change(PATH, 4)
+    await eventually(lambda: len(calls) >= 2)
+    await manager.aclose()
+    assert calls == ["3", "4"]
+
+
 async def test_a_change_to_a_path_that_cannot_be_read_notifies_listeners_with_none(
     make: MakeManager,
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from service.devstack import find_binary, free_port
 from service.errors import NotFound, VaultUnavailable, VersionConflict
+from service.secret import SecretData
 from service.vault import HvacBackend
 
 READ_ANSWER = {
@@ -298,3 +299,19 @@ async def test_tls_against_openbao_dev_tls(tmp_path: Path, monkeypatch: pytest.M
     finally:
         process.terminate()
         process.wait(10)
+
+
+async def test_a_write_of_secret_data_sends_its_values(fake: Any) -> None:
+    async def ok(request: bytes, _r: Any, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(200, {"data": {"version": 2, "created_time": "2026-11-28T00:00:00Z"}}))
+        return True
+
+    server = await fake(ok)
+    backend = HvacBackend(server.addr, token="t")
+    try:
+        # A rollback writes an old version's data as read: a SecretData, not a dict.
+        secret = await backend.write("app/db", SecretData({"user": "app"}), 1)
+    finally:
+        await backend.aclose()
+    assert secret.version == 2
+    assert server.requests[0].endswith(b'{"options":{"cas":1},"data":{"user":"app"}}')
