@@ -477,17 +477,19 @@ async def bench_inprocess(stack_: Stack, calls: int, misses: int) -> dict[str, A
 # -- propagation -------------------------------------------------------------------------------
 
 
-async def bench_propagation(stack_: Stack, writes: int) -> dict[str, Any]:
-    """A (here) writes; B (another process, another NATS node) reports eviction and listener."""
+async def bench_propagation(stack_: Stack, writes: int, replicas: int = 1) -> dict[str, Any]:
+    """A (here) writes; B (another process, another NATS node) reports eviction and listener.
+
+    `replicas`: of the SECRETS_EVENTS stream (SECRETS_NATS_REPLICAS; 1 by default)."""
     path = f"app/bench/p-{secrets.token_hex(4)}"
     peer = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "_peer", stack_.bao.addr, stack_.service_token,
-        stack_.nats[1].url, path,
+        stack_.nats[1].url, path, str(replicas),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert peer.stdout is not None
     backend = HvacBackend(stack_.bao.addr, token=stack_.service_token)
-    bus = EventBus([stack_.nats[0].url], "secrets", instance_id="bench-A", replicas=3)
+    bus = EventBus([stack_.nats[0].url], "secrets", instance_id="bench-A", replicas=replicas)
     a = SecretsManager(backend, events=bus, instance_id="bench-A")
     await bus.connect(a)
     evicted: list[float] = []
@@ -527,10 +529,10 @@ async def bench_propagation(stack_: Stack, writes: int) -> dict[str, Any]:
     }
 
 
-async def _peer(addr: str, token: str, nats_url: str, path: str) -> None:
+async def _peer(addr: str, token: str, nats_url: str, path: str, replicas: str) -> None:
     """Instance B: print `version eviction_ns listener_ns` for each change of `path`."""
     backend = HvacBackend(addr, token=token)
-    bus = EventBus([nats_url], "secrets", instance_id="bench-B", replicas=3)
+    bus = EventBus([nats_url], "secrets", instance_id="bench-B", replicas=int(replicas))
     b = SecretsManager(backend, events=bus, instance_id="bench-B")
     evicted: dict[int, int] = {}
     apply_change = b.apply_change
@@ -882,7 +884,7 @@ def main() -> int:
         import uvloop
 
         with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(_peer(*sys.argv[2:6]))
+            uvloop.run(_peer(*sys.argv[2:7]))
         return 0
     if sys.argv[1:2] == ["_memory"]:
         print(json.dumps(asyncio.run(_memory(int(sys.argv[2])))))

@@ -224,6 +224,7 @@ class AuditLog:
     def record(
         self,
         *,
+        at: str | None = None,
         request_id: str,
         op: str,
         method: str,
@@ -237,8 +238,9 @@ class AuditLog:
         client_id: str | None,
         source: str | None,
     ) -> AuditRecord:
+        """The record of a request; `at`: its time (`service.timestamps.utc_now()`) if known."""
         return AuditRecord(
-            time=utc_now(),
+            time=at or utc_now(),
             request_id=request_id,
             op=op if op in AUDIT_OPS else "other",
             method=method,

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from service.timestamps import utc_millis
+from service.timestamps import to_millis, utc_millis
 
 __all__ = [
     "BatchingStreamHandler",
@@ -101,8 +101,9 @@ def _shown(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
-    """Log the one line of a request: its context and outcome, `fields`, at INFO.
+def log_request(logger: logging.Logger, fields: dict[str, Any], at: str | None = None) -> None:
+    """Log the one line of a request: its context and outcome, `fields`, at INFO; `at`: the
+    time as `service.timestamps.utc_now()` gives it, if the caller has it already.
 
     Writes what `logger.info("request", extra=fields)` would. Where every handler the line
     reaches is a plain BatchingStreamHandler with a JsonFormatter (as `configure_logging`
@@ -116,8 +117,12 @@ def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
         return
     handlers = _batching_handlers(logger)
     if handlers:
-        now = time.time()
-        line = _request_line(utc_millis(now, (now - int(now)) * 1000), logger.name, fields)
+        if at is None:
+            now = time.time()
+            when = utc_millis(now, (now - int(now)) * 1000)
+        else:
+            when = to_millis(at)
+        line = _request_line(when, logger.name, fields)
         for handler in handlers:
             handler.emit_line(line)
         return

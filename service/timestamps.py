@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["utc_micros", "utc_millis", "utc_now"]
+__all__ = ["to_millis", "utc_micros", "utc_millis", "utc_now"]
 
 # (epoch second, its "YYYY-MM-DDTHH:MM:SS"), replaced whole so that threads never see a mix.
 _second: tuple[int, str] = (-1, "")
@@ -36,3 +36,8 @@ def utc_micros(epoch_ns: int) -> str:
 def utc_millis(created: float, msecs: float) -> str:
     """A log record's time (`record.created`, `record.msecs`), to the millisecond."""
     return f"{_prefix(int(created))}.{int(msecs):03d}+00:00"
+
+
+def to_millis(micros: str) -> str:
+    """A `utc_now()`/`utc_micros()` text cut to the millisecond, as `utc_millis` writes it."""
+    return micros[:23] + micros[26:]  # "YYYY-MM-DDTHH:MM:SS.mmm" + "+00:00"

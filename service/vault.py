@@ -5,7 +5,8 @@ synchronous, so its calls run in worker threads; the calls on a request's path (
 its check-and-set write, its metadata) go over `VaultHttp` instead, keep-alive HTTP/1.1 on the
 event loop (measured on this machine against OpenBao, interleaved, p50: a CAS write 0.78 ms
 against 1.85 ms through hvac in a thread, a read 0.54 against 1.59 ms). No hvac, requests or
-HTTP type leaves this module: every failure becomes one of service.errors, mapped in one place (`_mapped`).
+HTTP type leaves this module: every failure becomes one of service.errors, mapped in one place
+(`_mapped`).
 """
 
 from __future__ import annotations

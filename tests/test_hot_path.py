@@ -18,7 +18,7 @@ from service.logs import BatchingStreamHandler, JsonFormatter, log_request, requ
 from service.manager import SecretsManager
 from service.metrics import Metrics
 from service.secret import REDACTED, SecretData
-from service.timestamps import utc_micros, utc_millis, utc_now
+from service.timestamps import to_millis, utc_micros, utc_millis, utc_now
 from tests.fakes import FakeClock, FakeVault
 
 PATH = "app/db"
@@ -89,6 +89,12 @@ def test_timestamps_read_as_datetime_isoformat_writes_them() -> None:
     expected = datetime.fromtimestamp(ns // 1000 / 1e6, UTC).isoformat(timespec="microseconds")
     assert utc_micros(ns) == expected == "2026-11-28T21:06:40.123456+00:00"
     assert utc_millis(1_795_900_000.5, 500.0) == "2026-11-28T21:06:40.500+00:00"
+    # One reading serves a request's audit record (µs) and its log line (ms).
+    assert (
+        to_millis(utc_micros(ns))
+        == utc_millis(ns / 1e9, 123.456)
+        == "2026-11-28T21:06:40.123+00:00"
+    )
     parsed = datetime.fromisoformat(utc_now())
     assert parsed.tzinfo is not None and abs(parsed.timestamp() - time.time()) < 5
 
