@@ -1,15 +1,17 @@
 """The practical ceiling for Python here: a bare Starlette endpoint that returns fixed bytes.
 
-Same server as `secrets-service serve` (uvicorn with uvloop and httptools, no access log, no
-server header), same response bytes and headers as a cached read, and no work at all: no auth,
-no policy, no cache lookup, no audit, metrics or log line.
+Same server as `secrets-service serve` (uvicorn with uvloop and httptools, its protocol's
+writes coalesced by service/server.py, no access log, no server header), same response bytes and
+headers as a cached read, and no work at all: no auth, no policy, no cache lookup, no audit,
+metrics or log line. `--stock`: on uvicorn's own protocol instead (two sends per response).
 
-    .venv/bin/python bench/bare_app.py --port 9000 --body-file body.json
+    .venv/bin/python bench/bare_app.py --port 9000 --body-file body.json [--stock]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -32,7 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--body-file", required=True)
+    parser.add_argument("--stock", action="store_true", help="uvicorn's own HTTP protocol")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from service.server import HttpProtocol
+
     app = build(Path(args.body_file).read_bytes())
     # Server.run() picks uvloop and httptools ("auto"), like the service's own entry point.
     uvicorn.run(
@@ -44,6 +50,7 @@ def main() -> None:
         server_header=False,
         proxy_headers=False,
         lifespan="off",
+        http="auto" if args.stock else HttpProtocol,
     )
 
 

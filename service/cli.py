@@ -23,6 +23,7 @@ from service.app import create_app
 from service.errors import ConfigError
 from service.logs import configure_logging
 from service.policy import Policy
+from service.server import HttpProtocol
 from service.settings import Settings
 from service.validation import Validator
 
@@ -103,6 +104,7 @@ async def _serve(settings: Settings, *, started: asyncio.Event | None = None) ->
         lifespan="on",
         server_header=False,
         proxy_headers=False,
+        http=HttpProtocol,  # one send per response (service/server.py)
     )
     server = uvicorn.Server(config)
     if started is not None:

@@ -20,6 +20,7 @@ from events.bus import EventBus
 from service.app import create_app
 from service.devstack import DEV_POLICY_TOML, free_port
 from service.logs import JsonFormatter
+from service.server import HttpProtocol
 from service.settings import Settings
 from service.vault import VaultBackend
 
@@ -78,7 +79,12 @@ async def running_service(
     """Serve the app on settings.port until the block ends; fail fast if startup fails."""
     app = create_app(settings, backend=backend, bus=bus)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=settings.port,
+        log_config=None,
+        lifespan="on",
+        http=HttpProtocol,  # as `secrets-service serve` runs it
     )
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(_serve(server))
