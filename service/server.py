@@ -5,8 +5,17 @@ uvicorn writes a response's status line and headers, then its body, each with it
 loopback each carries the receiver's TCP work too. Profiled on cached reads, the first of the two
 was a quarter of the service's CPU. Here a transport proxy keeps what is written during one turn
 of the event loop and sends it as one write at the end of that turn (a `call_soon`), so a
-response written in one go (every JSON answer here) leaves in one segment. Nothing waits longer
-than the current turn; a close sends what is kept first; flow control stays the transport's.
+response written in one go (every JSON answer here) leaves in one segment.
+
+When the answers of reads leave at the end of the turn, those of every connection served in that
+turn leave together and their next requests come back together: measured with wrk on cached
+reads, 50-59 µs of CPU per request against 67-84 for uvicorn's own protocol, and against 75-90
+when each answer was sent as soon as it was whole. The answer to any other method (a change)
+is sent as soon as it is whole instead (uvicorn says when, through `on_response_complete`),
+since the rest of the turn (its audit record and log line, the change event's publish) would
+add a few hundred µs to its latency (PATCH p50 measured 2.0-2.7 ms sent at once against
+2.9-3.2 ms at the end of the turn). A close sends what is kept first; flow control stays the
+transport's.
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ class _CoalescingTransport:
             self._loop.call_soon(self._send)
         self._kept.append(bytes(data))
 
+    def send_now(self) -> None:
+        """Send what is kept (the response is complete)."""
+        self._send()
+
     def _send(self) -> None:
         kept, self._kept = self._kept, []
         if kept and not self._transport.is_closing():
@@ -54,5 +67,15 @@ class HttpProtocol(HttpToolsProtocol):
     """uvicorn's HttpToolsProtocol on a `_CoalescingTransport`: pass as `uvicorn.Config(http=)`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        coalescing: Any = _CoalescingTransport(transport, self.loop)
+        self._coalescing = _CoalescingTransport(transport, self.loop)
+        coalescing: Any = self._coalescing
         super().connection_made(coalescing)
+
+    def on_response_complete(self) -> None:
+        if self.cycle is not None and self.cycle.scope["method"] not in _BATCHED:
+            self._coalescing.send_now()  # a change's answer: before the turn's other work
+        super().on_response_complete()
+
+
+_BATCHED = frozenset({"GET", "HEAD"})
+"""Methods whose answers leave at the end of the loop's turn, with the other reads'."""

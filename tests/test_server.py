@@ -57,6 +57,16 @@ async def test_writes_in_separate_turns_stay_separate_and_in_order() -> None:
     assert inner.writes == [b"a", b"b", b"c"]
 
 
+async def test_a_complete_response_is_sent_at_once_not_at_the_end_of_the_turn() -> None:
+    transport, inner = coalescing()
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    transport.write(b"{}")
+    transport.send_now()  # what HttpProtocol.on_response_complete does
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    await asyncio.sleep(0)  # the scheduled send finds nothing left
+    assert len(inner.writes) == 1
+
+
 async def test_close_sends_what_is_kept_first() -> None:
     transport, inner = coalescing()
     transport.write(b"last words")
