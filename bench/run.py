@@ -652,14 +652,26 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+RATIOS = {
+    "cached_over_openbao": ("service_cached", "openbao"),
+    "uncached_over_openbao": ("service_uncached", "openbao"),
+    "cached_over_bare": ("service_cached", "bare_starlette"),
+    "cached_over_bare_stock_uvicorn": ("service_cached", "bare_stock_uvicorn"),
+}
+
+
+def paired_ratio(reads: Mapping[str, Any], a: str, b: str) -> float:
+    """Median over rounds of (a's req/s / b's req/s) in the same round."""
+    pairs = zip(reads[a]["rounds"], reads[b]["rounds"], strict=True)
+    return float(statistics.median(x["requests_per_s"] / y["requests_per_s"] for x, y in pairs))
+
+
 def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     reads = result["http_reads"]
     writes = result["http_writes"]
     measured = {
-        "cached_vs_openbao_throughput": reads["service_cached"]["requests_per_s"]
-        / reads["openbao"]["requests_per_s"],
-        "cached_vs_bare_throughput": reads["service_cached"]["requests_per_s"]
-        / reads["bare_starlette"]["requests_per_s"],
+        "cached_vs_openbao_throughput": paired_ratio(reads, "service_cached", "openbao"),
+        "cached_vs_bare_throughput": paired_ratio(reads, "service_cached", "bare_starlette"),
         "cached_p99_vs_openbao_p99": reads["service_cached"]["p99_ms"] / reads["openbao"]["p99_ms"],
         "inprocess_hit_median_us": result["inprocess_get"]["hit"]["median_us"],
         "propagation_eviction_p99_ms": result["propagation"]["ack_to_eviction"]["p99_ms"],
@@ -683,7 +695,6 @@ def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def markdown(result: Mapping[str, Any]) -> str:
     reads = result["http_reads"]
-    base = reads["openbao"]["requests_per_s"]
     rows = [
         ("OpenBao KV v2 read, direct (a)", "openbao"),
         ("service, cached paths (b)", "service_cached"),
@@ -702,7 +713,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{v.get('starlette')} · msgspec {v.get('msgspec')} · wrk {v.get('wrk')}",
         "",
         f"HTTP reads: `wrk -t{wrk['threads']} -c{wrk['connections']} -d{wrk['duration_s']}s` "
-        f"against each target in turn, {wrk['rounds']} rounds in rotating order, medians shown; "
+        f"against each target in turn, {wrk['rounds']} rounds in rotating order, medians shown "
+        "(`vs OpenBao`: the median of each round's ratio, the two measured within a minute); "
         f"{SECRETS_READ} secrets of about 200 bytes read in turn. Each service request carries "
         "a JWT from OpenBao's OIDC issuer, checked (verified-token cache) and authorized by the "
         "policy; audit (stdout and NATS), metrics and the request log line are on. OpenBao is "
@@ -711,12 +723,19 @@ def markdown(result: Mapping[str, Any]) -> str:
         "| HTTP read | req/s | vs OpenBao | p50 ms | p99 ms | server CPU | wrk CPU |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def vs_openbao(key: str) -> float:
+        return paired_ratio(reads, key, "openbao")
+
+    def per_round(key: str) -> str:
+        return ", ".join(f"{run['requests_per_s']:,.0f}" for run in reads[key]["rounds"])
+
     for label, key in rows:
         r = reads[key]
         cpu = r["cpu_percent_of_one_core"]
         server = " + ".join(f"{cpu[k]:.0f}%" for k in cpu if k != "wrk")
         out.append(
-            f"| {label} | {r['requests_per_s']:,.0f} | {r['requests_per_s'] / base:.2f}× | "
+            f"| {label} | {r['requests_per_s']:,.0f} | {vs_openbao(key):.2f}× | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {server} | {cpu['wrk']:.0f}% |"
         )
     cached, bare = reads["service_cached"], reads["bare_starlette"]
@@ -726,7 +745,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{bare['requests_per_s']:,.0f} req/s, "
         f"{bare['requests_per_s'] / cached['requests_per_s']:.1f}× the cached service's rate, "
         f"using {bare['cpu_percent_of_one_core']['wrk']:.0f}% of a core there and "
-        f"{cached['cpu_percent_of_one_core']['wrk']:.0f}% against the service.",
+        f"{cached['cpu_percent_of_one_core']['wrk']:.0f}% against the service. Req/s per "
+        "round (this machine is shared: whole rounds drift together): "
+        + "; ".join(f"{key} {per_round(key)}" for _, key in rows)
+        + ".",
         "",
     ]
     w = result["http_writes"]
@@ -852,24 +874,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
         },
         "http_reads": reads,
-        "ratios": {
-            "cached_over_openbao": round(
-                reads["service_cached"]["requests_per_s"] / reads["openbao"]["requests_per_s"], 2
-            ),
-            "uncached_over_openbao": round(
-                reads["service_uncached"]["requests_per_s"] / reads["openbao"]["requests_per_s"],
-                2,
-            ),
-            "cached_over_bare": round(
-                reads["service_cached"]["requests_per_s"]
-                / reads["bare_starlette"]["requests_per_s"],
-                2,
-            ),
-            "cached_over_bare_stock_uvicorn": round(
-                reads["service_cached"]["requests_per_s"]
-                / reads["bare_stock_uvicorn"]["requests_per_s"],
-                2,
-            ),
+        # Throughput ratios: the median over rounds of each round's ratio (the two targets ran
+        # within a minute of each other), so that drift in the machine's load between rounds
+        # cancels out; `*_of_medians` is the ratio of the medians over all rounds, for reference.
+        "ratios": {name: round(paired_ratio(reads, a, b), 2) for name, (a, b) in RATIOS.items()}
+        | {
+            f"{name}_of_medians": round(reads[a]["requests_per_s"] / reads[b]["requests_per_s"], 2)
+            for name, (a, b) in RATIOS.items()
         },
         "http_writes": writes,
         **parts,
@@ -906,7 +917,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per target")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--http-writes", type=int, default=500)
