@@ -336,6 +336,8 @@ def _mapped(op: str, path: str) -> Iterator[None]:
     """The one place hvac, requests and HTTP errors become service errors."""
     try:
         yield
+    except TimeoutError:
+        raise  # the caller's deadline: reported as a timeout by `_observed`
     except hvac_errors.InvalidPath:
         raise NotFound("no secret at this path", path=path) from None
     except hvac_errors.InvalidRequest as exc:
@@ -356,6 +358,7 @@ def _mapped(op: str, path: str) -> Iterator[None]:
         requests.exceptions.RequestException,
         hvac_errors.VaultError,
         OSError,  # ConnectionError and ssl.SSLError among them
+        UnicodeError,  # a token that is not ASCII
         asyncio.IncompleteReadError,
         httptools.HttpParserError,
         msgspec.DecodeError,

@@ -210,12 +210,17 @@ async def test_a_server_that_never_answers_times_out_within_the_deadline(fake: A
         return False
 
     server = await fake(silent)
-    backend = HvacBackend(server.addr, token="t", timeout=0.3)
+    observed: list[tuple[str, str | None]] = []
+    backend = HvacBackend(
+        server.addr, token="t", timeout=0.3, observer=lambda op, _s, e: observed.append((op, e))
+    )
     try:
         started = time.monotonic()
-        with pytest.raises(VaultUnavailable):
+        with pytest.raises(VaultUnavailable) as caught:
             await backend.write("app/db", {"k": "v"}, 0)
         assert time.monotonic() - started < 0.3 * 2 + 1
+        assert "timed out" in str(caught.value)
+        assert observed == [("write", "timeout")]  # the metric's label
     finally:
         await backend.aclose()
 
