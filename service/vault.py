@@ -379,7 +379,6 @@ class _CasMismatch(SecretsError):
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _MAX_ANSWER = 64 * 1024 * 1024  # bytes: a KV answer is far smaller; more is not Vault talking
-_IDLE_FOR = 30.0  # seconds a pooled connection may sit unused (OpenBao closes after minutes)
 
 
 class _ProtocolError(Exception):
@@ -419,20 +418,17 @@ class _Answer:
 
 
 class _Connection:
-    __slots__ = ("reader", "used", "writer")
+    __slots__ = ("reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.used = time.monotonic()
 
-    def usable(self, now: float) -> bool:
-        # A connection the server closed meanwhile has seen EOF by now (the loop read it).
-        return (
-            now - self.used < _IDLE_FOR
-            and not self.reader.at_eof()
-            and not self.writer.transport.is_closing()
-        )
+    def usable(self) -> bool:
+        # A connection the server closed meanwhile (Vault's idle timeout: 5 minutes by default)
+        # has seen EOF by now: the loop read it. As urllib3 (hvac's pool) does, connections are
+        # not expired by age, so their number follows the peak of concurrent calls and stays.
+        return not self.reader.at_eof() and not self.writer.transport.is_closing()
 
     def close(self) -> None:
         self.writer.close()
@@ -500,10 +496,9 @@ class VaultHttp:
                 )
 
     def _take(self) -> _Connection | None:
-        now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # the most recently used: the likeliest to be open
-            if conn.usable(now):
+            if conn.usable():
                 return conn
             conn.close()
         return None
@@ -530,7 +525,6 @@ class VaultHttp:
             conn.close()  # midway through an exchange: never reusable
             raise
         if answer.keep_alive and len(self._idle) < self._max_idle:
-            conn.used = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
