@@ -503,11 +503,11 @@ class _RequestContext:
         """Answer a `GET /secrets/{path}` (no query) from the caches if they can; False if not,
         for the routes to answer."""
         started = time.perf_counter()
-        request_id = self.ids.next(scope)  # first: the log line shows it first
-        ctx: dict[str, Any] = {"request_id": request_id}
+        ctx: dict[str, Any] = {"request_id": ""}  # first: the log line shows it first
         answer = _cached_read(scope, ctx)
         if answer is None:
-            return False
+            return False  # the routes give the request its id
+        request_id = ctx["request_id"] = self.ids.next(scope)
         response_start, response_body = answer
         response_start["headers"].append((b"x-request-id", request_id.encode()))
         try:

@@ -64,18 +64,12 @@ class JsonFormatter(logging.Formatter):
         }
         fields: dict[str, Any] | None = record.__dict__.get(_FIELDS)
         if fields is not None:  # a line of log_request: its fields, the context included
-            for key, value in fields.items():
-                if not _hidden(key):
-                    out[key] = _shown(value)
+            _add_shown(out, fields)
         else:
             ctx = request_context.get()
             if ctx:
-                for key, value in ctx.items():
-                    if not _hidden(key):
-                        out[key] = _shown(value)
-            for key, value in record.__dict__.items():
-                if key not in _STANDARD and not _hidden(key):
-                    out[key] = _shown(value)
+                _add_shown(out, ctx)
+            _add_shown(out, {k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info and record.exc_info[0] is not None:
             # The type only: exception messages from dependencies are not ours to trust.
             out["exc_type"] = record.exc_info[0].__name__
@@ -93,6 +87,13 @@ def _hidden(key: str) -> bool:
             if not hidden and key not in _OWN:
                 _SHOWN.add(key)
     return hidden
+
+
+def _add_shown(out: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Add to `out` the fields whose names may be shown, each value as `_shown` renders it."""
+    for key, value in fields.items():
+        if not _hidden(key):
+            out[key] = _shown(value)
 
 
 def _shown(value: Any) -> Any:
@@ -178,13 +179,7 @@ def _request_line(when: str, name: str, fields: dict[str, Any]) -> str:
             ).decode()[1:-1]
         return f'{{"time":"{when}",{head},{_encode(fields)[1:].decode()}'
     out: dict[str, Any] = {"time": when, "level": "INFO", "logger": name, "message": "request"}
-    hidden_names = _HIDDEN
-    for key, value in fields.items():
-        hidden = hidden_names.get(key)
-        if hidden is None:
-            hidden = _hidden(key)
-        if not hidden:
-            out[key] = value if value is None or isinstance(value, _SCALARS) else _shown(value)
+    _add_shown(out, fields)
     return _encode(out).decode()
 
 
