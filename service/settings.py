@@ -46,6 +46,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     oidc_algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
     oidc_leeway: float = 30.0
     oidc_max_token_lifetime: float = 86400.0
+    # Seconds between scheduled JWKS refetches: a withdrawn key is refused at most this late.
+    oidc_jwks_refresh: float = 300.0
+    # HTTPS: both PEM files, or neither (plain HTTP).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # NATS: a credentials file (user JWT + NKEY seed), and TLS (CA bundle, client cert + key).
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    # Connections and requests one worker serves at once; beyond it new ones get 503.
+    limit_concurrency: int = 2048
     cache_ttl: float = 300.0
     cache_fallback_ttl: float = 5.0
     vault_poll_interval: float = 10.0
@@ -122,6 +134,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "oidc_algorithms": _algorithms,
             "oidc_leeway": _nonnegative_float,
             "oidc_max_token_lifetime": _positive_float,
+            "oidc_jwks_refresh": _positive_float,
+            "tls_cert": _readable_file,
+            "tls_key": _readable_file,
+            "nats_creds": _readable_file,
+            "nats_tls_ca": _readable_file,
+            "nats_tls_cert": _readable_file,
+            "nats_tls_key": _readable_file,
+            "limit_concurrency": _int_between(1, 1_000_000),
             "cache_ttl": _nonnegative_float,
             "cache_fallback_ttl": _nonnegative_float,
             "vault_poll_interval": _nonnegative_float,
@@ -141,7 +161,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         metrics_port = kwargs.get("metrics_port", 0)
         if metrics_port and metrics_port == kwargs.get("port", 8080):
             raise ConfigError("SECRETS_METRICS_PORT", "must differ from SECRETS_PORT (0: share it)")
+        _both_or_neither(kwargs, "tls_cert", "tls_key")
+        _both_or_neither(kwargs, "nats_tls_cert", "nats_tls_key")
         return cls(**kwargs)
+
+
+def _both_or_neither(kwargs: Mapping[str, Any], first: str, second: str) -> None:
+    if bool(kwargs.get(first)) != bool(kwargs.get(second)):
+        missing = second if kwargs.get(first) else first
+        other = first if missing == second else second
+        raise ConfigError(f"SECRETS_{missing.upper()}", f"required with SECRETS_{other.upper()}")
 
 
 class _Reader:
@@ -187,6 +216,16 @@ def _nonempty(v: Any) -> str:
     s = str(v).strip()
     if not s:
         raise ValueError("must not be empty")
+    return s
+
+
+def _readable_file(v: Any) -> str:
+    s = _nonempty(v)
+    try:
+        with open(s, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {s!r}: {exc.strerror}") from None
     return s
 
 
