@@ -9,9 +9,14 @@ RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
-RUN useradd --system --uid 10001 secrets
+RUN useradd --system --uid 10001 secrets && mkdir -p /etc/secrets-service/tls
 USER secrets
 ENV SECRETS_HOST=0.0.0.0 SECRETS_PORT=8080
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz').status != 200)"
+# HTTPS: mount the PEM certificate chain and its unencrypted key (readable by uid 10001) at
+# /etc/secrets-service/tls/ and set
+#   SECRETS_TLS_CERT=/etc/secrets-service/tls/tls.crt SECRETS_TLS_KEY=/etc/secrets-service/tls/tls.key
+# Without both the service speaks plain HTTP. The healthcheck follows SECRETS_TLS_CERT; it checks
+# this process on its own loopback, so it does not verify the certificate (clients must).
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import os,ssl,sys,urllib.request as u; t=bool(os.environ.get('SECRETS_TLS_CERT')); c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; o=u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=c)); sys.exit(o.open(('https' if t else 'http') + '://127.0.0.1:' + os.environ.get('SECRETS_PORT', '8080') + '/readyz', timeout=2).status != 200)"]
 ENTRYPOINT ["secrets-service", "serve"]

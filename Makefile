@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint typecheck bench bench-cache reliability soak clean
+.PHONY: install dev test lint typecheck bench bench-cache bench-vault reliability soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache_bench.py --writes 1000
+
+# The Vault clients side by side against a real OpenBao (aiohttp, the former hand-written
+# client taken from git, hvac in a thread), rounds interleaved; bench/results/vault_client.json.
+bench-vault: $(STAMP)
+	$(BIN)/python bench/vault_client_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

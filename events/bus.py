@@ -3,16 +3,22 @@
 One NATS connection per instance. Writes are announced on `<prefix>.changed.<path>` through
 JetStream (stored in SECRETS_EVENTS for replay); every instance listens on a core subscription,
 which is the fastest path, and replays from the stream after a reconnect.
+
+Whatever arrives is a claim from whoever could publish: an event is dropped (and counted by
+reason in `dropped`) unless it decodes, names the path its subject names, and keeps its numbers
+in range. What it claims about Vault is checked by the handler (`SecretsManager`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 import nats
@@ -22,7 +28,7 @@ from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import Error as JsError
 
-from events.subjects import changed_subject
+from events.subjects import changed_subject, path_from_subject
 from schemas.events import (
     ChangeEvent,
     LifecycleEvent,
@@ -32,8 +38,24 @@ from schemas.events import (
     event_encoder,
 )
 from service.errors import ConfigError
+from service.logs import redact_url
 
-__all__ = ["AUDIT_STREAM", "CHANGE_STREAM", "ChangeHandler", "EventBus", "ensure_stream"]
+__all__ = [
+    "AUDIT_STREAM",
+    "CHANGE_STREAM",
+    "DROP_REASONS",
+    "MAX_EVENT_VERSION",
+    "MAX_EVENT_VERSIONS",
+    "ChangeHandler",
+    "EventBus",
+    "TlsFileError",
+    "check_event",
+    "describe_error",
+    "ensure_stream",
+    "is_telling",
+    "redact_url",
+    "tls_context",
+]
 
 log = logging.getLogger("secrets.events")
 
@@ -41,9 +63,27 @@ CHANGE_STREAM = "SECRETS_EVENTS"
 AUDIT_STREAM = "SECRETS_AUDIT"
 AUDIT_MAX_AGE = 90 * 86400  # seconds JetStream keeps audit records; export them to keep more
 
+MAX_EVENT_VERSION: Final = 2**53  # beyond any real KV version, and JSON's exact integer range
+MAX_EVENT_VERSIONS: Final = 1000  # versions one lifecycle event may name
+# Longest accepted text fields: event ids are kept (to apply a replayed one once) and pending
+# claims hold events, so a megabyte-long field must not be.
+_MAX_FIELD = {"event_id": 64, "instance_id": 128, "actor": 512, "time": 64}
+# Why an event was dropped: the closed label set of secrets_events_dropped_total. The bus drops
+# the first three; the handler the rest, after asking Vault (see SecretsManager.apply_change).
+DROP_REASONS: Final = (
+    "undecodable",  # not JSON, not a known event type, or fields of the wrong type
+    "subject_mismatch",  # the payload's path is not the path its subject names
+    "out_of_range",  # a version below 1 (0 for lifecycle) or above 2^53, too many versions,
+    # or a text field too long
+    "beyond_vault",  # claims a version (or a deletion) that Vault does not hold
+    "verify_overflow",  # too many claims waiting for Vault: evicted only, never applied
+    "unverified",  # Vault did not answer the check: evicted only, never applied
+)
+
 
 class ChangeHandler(Protocol):
-    """What the bus drives: the manager (see SecretsManager)."""
+    """What the bus drives: the manager (see SecretsManager). Events reach it only once they
+    passed `check_event` and their path matched their subject; what they claim is unverified."""
 
     def apply_change(self, path: str, version: int) -> None: ...
 
@@ -105,14 +145,34 @@ class EventBus:
         publish_attempts: int = 6,
         publish_timeout: float = 1.0,
         replicas: int = 1,
+        credentials: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_hostname: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`servers` may carry a user and password (``nats://user:pass@host:4222``); they are
+        never logged. `credentials` is a NATS credentials file (user JWT and NKEY seed).
+        `tls_ca` (a PEM bundle), `tls_cert` and `tls_key` (a client certificate, for mutual TLS)
+        make the connection TLS and check the server against that CA (`tls_hostname`: the name
+        its certificate must carry, when not the one in the URL)."""
         self.servers = list(servers)
         self.prefix = prefix
         self.instance_id = instance_id
         self.publish_attempts = publish_attempts
         self.publish_timeout = publish_timeout
         self.replicas = replicas
+        self.credentials = credentials
+        self.tls_hostname = tls_hostname
+        if credentials is not None:
+            _check_credentials(credentials)
+        try:
+            self._tls = tls_context(tls_ca, tls_cert, tls_key)
+        except TlsFileError as exc:
+            setting = "SECRETS_NATS_TLS_CA" if exc.which == "ca" else "SECRETS_NATS_TLS_CERT"
+            raise ConfigError(setting, str(exc)) from None
+        self._last_error: Exception | None = None
         self._clock = clock
         self.nc: NATS | None = None
         self.js: Any = None
@@ -122,11 +182,19 @@ class EventBus:
         self.published = 0
         self.publish_failures = 0
         self.received = 0
-        self.decode_errors = 0
+        # reason -> events dropped for it here (the handler keeps its own reasons)
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS[:3], 0)
         self.disconnects = 0
         self.on_received: Callable[[ChangeEvent], None] | None = None
         # Told, for each live (not replayed) event, the seconds from its `time` to receipt.
         self.lag_observer: Callable[[float], None] | None = None
+
+    def __repr__(self) -> str:
+        servers = ", ".join(redact_url(url) for url in self.servers)
+        return (
+            f"EventBus(servers=[{servers}], prefix={self.prefix!r}, "
+            f"instance_id={self.instance_id!r})"
+        )
 
     @property
     def connected(self) -> bool:
@@ -134,27 +202,37 @@ class EventBus:
 
     async def connect(self, handler: ChangeHandler, *, connect_timeout: float = 5.0) -> None:
         self._handler = handler
+        options: dict[str, Any] = {}
+        if self.credentials is not None:
+            options["user_credentials"] = self.credentials
+        if self._tls is not None:
+            options["tls"] = self._tls
+        if self.tls_hostname is not None:
+            options["tls_hostname"] = self.tls_hostname
+        nc = NATS()
         try:
             # Bounded here: with endless reconnects, nats-py retries a first connection forever
             # too, so a wrong SECRETS_NATS_URL would hang the start instead of naming it.
-            self.nc = await asyncio.wait_for(
-                nats.connect(
+            await asyncio.wait_for(
+                nc.connect(
                     servers=self.servers,
                     name=f"secrets-service-{self.instance_id}",
-                    connect_timeout=connect_timeout,
+                    connect_timeout=connect_timeout,  # type: ignore[arg-type]  # takes a float
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]
                     allow_reconnect=True,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
+                    **options,
                 ),
                 connect_timeout * (len(self.servers) + 1),
             )
         except (OSError, NatsError, TimeoutError) as exc:
-            raise ConfigError(
-                "SECRETS_NATS_URL", f"cannot connect to NATS: {type(exc).__name__}"
-            ) from None
+            await nc.close()  # the attempt's socket, if one is open
+            why = describe_error(self._last_error or exc)
+            raise ConfigError("SECRETS_NATS_URL", f"cannot connect to NATS: {why}") from None
+        self.nc = nc
         self.js = self.nc.jetstream()
         # A JetStream cluster that is starting too (a fresh deployment) may answer nothing or
         # "unavailable" for some seconds while it elects leaders: wait for it, within bounds.
@@ -172,6 +250,9 @@ class EventBus:
                 )
                 break
             except (NatsError, JsError, TimeoutError) as exc:
+                if self._last_error is not None and is_telling(self._last_error):
+                    why = describe_error(self._last_error)  # e.g. a permission it lacks
+                    raise ConfigError("SECRETS_NATS_URL", f"JetStream refused: {why}") from None
                 if time.monotonic() >= deadline:
                     raise ConfigError(
                         "SECRETS_NATS_URL",
@@ -256,26 +337,51 @@ class EventBus:
     # -- receiving -------------------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
-        self._handle(msg.data, live=True)
+        self._handle(msg.data, msg.subject, live=True)
 
-    def _handle(self, data: bytes, *, live: bool = False) -> None:
+    def _handle(self, data: bytes, subject: str | None = None, *, live: bool = False) -> None:
+        """Check one message and hand its event to the handler.
+
+        `subject` is the message's: the event is dropped unless its path is the one the subject
+        names. Both callers here pass it; None is for payloads fed in directly (tests).
+        """
         try:
             event = event_decoder.decode(data)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            self.decode_errors += 1
-            log.warning("undecodable change event dropped")
+            self._drop("undecodable")
             return
         self.received += 1
+        if subject is not None and not self._subject_names(subject, event.path):
+            self._drop("subject_mismatch")
+            return
+        reason = check_event(event)
+        if reason is not None:
+            self._drop(reason)
+            return
         if live and self.lag_observer is not None:
             self._observe_lag(event.time)
         if self.on_received is not None:
             self.on_received(event)
         if event.instance_id == self.instance_id or self._handler is None:
-            return  # our own write: the cache and listeners already know
+            # Our own write: the cache and listeners already know. A forged event naming our
+            # id is ignored just the same, which changes nothing here (not even an eviction).
+            return
         if isinstance(event, SecretCreated | SecretUpdated):
             self._handler.apply_change(event.path, event.version)
         else:
             self._handler.apply_lifecycle(event)
+
+    def _subject_names(self, subject: str, path: str) -> bool:
+        try:
+            return path_from_subject(self.prefix, subject) == path
+        except ValueError:
+            return False  # not the canonical subject of any path
+
+    def _drop(self, reason: str) -> None:
+        count = self.dropped[reason] = self.dropped[reason] + 1
+        # At 1, 2, 4, 8, ... and without the path: a flood of these must not flood the log.
+        if count & (count - 1) == 0:
+            log.warning("change event dropped", extra={"reason": reason, "count": count})
 
     def _observe_lag(self, sent: str) -> None:
         try:
@@ -314,6 +420,7 @@ class EventBus:
         try:
             sub = await self.js.subscribe(
                 f"{self.prefix}.changed.>",
+                stream=CHANGE_STREAM,  # named: no stream lookup, one permission fewer
                 ordered_consumer=True,
                 deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
                 config=js_api.ConsumerConfig(opt_start_time=start),
@@ -329,7 +436,7 @@ class EventBus:
                     msg = await sub.next_msg(timeout=1.0)
                 except TimeoutError:
                     break
-                self._handle(msg.data)
+                self._handle(msg.data, msg.subject)
                 if msg.metadata.num_pending == 0:
                     break
         except (NatsError, JsError) as exc:
@@ -341,4 +448,97 @@ class EventBus:
                 pass
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error", extra={"error_type": type(exc).__name__})
+        if self._last_error is None or is_telling(exc):
+            self._last_error = exc  # a refusal is not hidden by the reset that follows it
+        extra = {"error_type": type(exc).__name__, "error": describe_error(exc)}
+        log.warning("NATS error", extra=extra)
+
+
+def check_event(event: ChangeEvent) -> str | None:
+    """Why `event` must be dropped (a `DROP_REASONS` entry), or None if its numbers are sane.
+
+    A write names a version from 1 to 2^53; a lifecycle event the path's current version (0
+    when its whole history is gone) and at most `MAX_EVENT_VERSIONS` versions, each from 1 to
+    2^53; no text field is longer than its kind ever is. The schema already refuses negative
+    numbers and wrong types, and the subject check the path's length.
+    """
+    lowest = 1 if isinstance(event, SecretCreated | SecretUpdated) else 0
+    if not lowest <= event.version <= MAX_EVENT_VERSION:
+        return "out_of_range"
+    versions = getattr(event, "versions", ())
+    if len(versions) > MAX_EVENT_VERSIONS or any(v > MAX_EVENT_VERSION for v in versions):
+        return "out_of_range"
+    if any(len(getattr(event, name)) > limit for name, limit in _MAX_FIELD.items()):
+        return "out_of_range"
+    return None
+
+
+class TlsFileError(ValueError):
+    """A TLS file for NATS did not load: `which` is ``"ca"`` or ``"cert"`` (with its key)."""
+
+    def __init__(self, which: str, detail: str) -> None:
+        super().__init__(detail)
+        self.which = which
+
+
+def tls_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext | None:
+    """A client TLS context for NATS: server certificates checked against `ca` (the system's
+    CAs without it), and `cert`/`key` presented for mutual TLS. None when nothing is given
+    (nats-py then makes a default context itself if the URL or the server asks for TLS).
+    Raises `TlsFileError` for a file that does not load."""
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise TlsFileError("cert", "a client certificate needs its key, and a key its certificate")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsFileError("ca", f"not a PEM CA bundle ({type(exc).__name__})") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsFileError(
+                "cert", f"certificate and key do not load as a pair ({type(exc).__name__})"
+            ) from None
+    return context
+
+
+def _check_credentials(path: str) -> None:
+    """Fail at start, naming the setting, rather than at every connection attempt."""
+    if importlib.util.find_spec("nkeys") is None:
+        raise ConfigError(
+            "SECRETS_NATS_CREDS", "needs the nkeys package: pip install 'nats-py[nkeys]'"
+        )
+    try:
+        with open(path, encoding="utf-8") as creds:
+            text = creds.read(65536)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("SECRETS_NATS_CREDS", f"cannot read: {type(exc).__name__}") from None
+    if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
+        raise ConfigError(
+            "SECRETS_NATS_CREDS", "not a NATS credentials file (a user JWT and an NKEY seed)"
+        )
+
+
+def is_telling(exc: BaseException) -> bool:
+    """Whether `describe_error` says more of `exc` than its type (a refusal, a TLS failure)."""
+    return describe_error(exc) != type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, without the text of the error: some hold a server URL, which may
+    hold a password."""
+    text = str(exc).lower()
+    if "authorization violation" in text or "authentication" in text:
+        return "the server refused our credentials (Authorization Violation)"
+    if "permissions violation" in text:
+        return "Permissions Violation (a subject this user may not use)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate was not accepted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
+    return type(exc).__name__

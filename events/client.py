@@ -15,6 +15,15 @@ Patterns are policy globs (`service.policy.PathGlob`): ``"app/**"``, ``"app/*/db
 What NATS wildcards cannot say (``db-*``, ``app/**/db``) is subscribed more widely and filtered
 here. Events never carry secret data: read the secret itself through the service.
 
+Authentication and TLS: a user and password may stand in the URL
+(``nats://listener:secret@host:4222``; never shown in errors or logs), `credentials` names a NATS
+credentials file (user JWT and NKEY seed), and `tls_ca`, `tls_cert`, `tls_key` make the connection
+TLS, checked against that CA, with a client certificate for mutual TLS. The user needs only to
+read: see the README for the NATS permissions a listener needs.
+
+Each payload must name the path its subject names; one that does not (a forgery by someone who
+may publish on another path's subject) is skipped and counted, as are payloads that do not decode.
+
 Forward compatibility: an event whose ``type`` this version does not know (the service adds types
 with later features, e.g. a future ``"secret.rotated"``) arrives as an `UnknownChange` holding the
 common fields, so a listener built today keeps running; check ``change.known`` or match on the
@@ -29,7 +38,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -40,8 +49,8 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from events.bus import CHANGE_STREAM
-from events.subjects import pattern_subject
+from events.bus import CHANGE_STREAM, describe_error, is_telling, redact_url, tls_context
+from events.subjects import path_from_subject, pattern_subject
 from schemas.events import EVENT_TYPES, ChangeEvent, event_decoder
 from service.policy import PathGlob
 
@@ -148,6 +157,11 @@ class ChangeListener:
         connect_timeout: float | None = 10.0,
         heartbeat: float = 5.0,
         name: str | None = None,
+        credentials: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_hostname: str | None = None,
     ) -> None:
         starts = sum(x is not None for x in (start_sequence, start_time)) + deliver_new
         if starts > 1:
@@ -169,6 +183,10 @@ class ChangeListener:
         self.connect_timeout = connect_timeout
         self.heartbeat = heartbeat
         self.name = name
+        self.credentials = credentials
+        self.tls_hostname = tls_hostname
+        self._tls = tls_context(tls_ca, tls_cert, tls_key)
+        self._last_error: Exception | None = None
         self.last_sequence = 0
         self.skipped = 0
         self._nc: NATS | None = None
@@ -200,8 +218,10 @@ class ChangeListener:
             if isinstance(exc, NatsError):
                 raise ConnectionError(f"cannot subscribe to {self.subject}: {exc}") from exc
             if isinstance(exc, TimeoutError):
+                servers = ", ".join(redact_url(url) for url in self.servers)
+                why = "" if self._last_error is None else f": {describe_error(self._last_error)}"
                 raise ConnectionError(
-                    f"NATS at {', '.join(self.servers)} not ready within {self.connect_timeout}s"
+                    f"NATS at {servers} not ready within {self.connect_timeout}s{why}"
                 ) from exc
             raise
         return self
@@ -215,6 +235,13 @@ class ChangeListener:
         await self.aclose()
 
     async def _open(self, nc: NATS) -> None:
+        options: dict[str, Any] = {}
+        if self.credentials is not None:
+            options["user_credentials"] = self.credentials
+        if self._tls is not None:
+            options["tls"] = self._tls
+        if self.tls_hostname is not None:
+            options["tls_hostname"] = self.tls_hostname
         await nc.connect(
             servers=self.servers,
             name=self.name,
@@ -224,6 +251,7 @@ class ChangeListener:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **options,
         )
         js = nc.jetstream()
         start = await self._start_sequence(js)
@@ -320,9 +348,19 @@ class ChangeListener:
                 self.skipped += 1
                 log.warning("undecodable change event skipped", extra={"sequence": sequence})
                 continue
+            if not self._subject_names(msg.subject, event.path):
+                self.skipped += 1
+                log.warning("change event skipped: its path is not its subject's")
+                continue
             if not self.glob.matches(event.path):
                 continue  # subscribed more widely than the pattern
             return Change(event, sequence)
+
+    def _subject_names(self, subject: str, path: str) -> bool:
+        try:
+            return path_from_subject(self.prefix, subject) == path
+        except ValueError:
+            return False
 
     async def _next_msg(self) -> Msg:
         if not self._entered:
@@ -349,6 +387,8 @@ class ChangeListener:
     # -- connection callbacks --------------------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._last_error is None or is_telling(exc):
+            self._last_error = exc
         log.warning("NATS error", extra={"error_type": type(exc).__name__})
 
     async def _on_disconnected(self) -> None:

@@ -123,11 +123,17 @@ class SecretMetadata(msgspec.Struct, frozen=True):
         return None
 
 
-class KeyList(msgspec.Struct, frozen=True):
-    """GET /secrets/{prefix}:list: the readable keys right under `prefix`; folders end in '/'."""
+class KeyList(msgspec.Struct, frozen=True, omit_defaults=True):
+    """GET /secrets/{prefix}:list: the readable keys right under `prefix`; folders end in '/'.
+
+    A folder is listed only if the caller can read a secret that exists below it.
+    `truncated` (present only when true): the service stopped looking before it could tell
+    for some folder, which is then left out.
+    """
 
     prefix: str
     keys: list[str]
+    truncated: bool = False
 
 
 class VersionsRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -51,7 +51,7 @@ from service.errors import (
     VersionConflict,
 )
 from service.lifecycle import SecretMethods, decode_body
-from service.logs import log_request, request_context
+from service.logs import log_request, redact_url, request_context
 from service.manager import SecretsManager
 from service.metrics import Metrics
 from service.openapi import openapi_document
@@ -71,6 +71,8 @@ _VERSION_PARAM = re.compile(r"[1-9][0-9]{0,15}")
 _NO_STORE = {"Cache-Control": "no-store"}
 _WRITE_BODY = '{"data": {...}, "version": N}'
 _HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_METRICS_SCOPE = "secrets:metrics"
+"""With SECRETS_METRICS_ROLE, a token carrying scopes must list this one to read /metrics."""
 
 
 class _Json(Response):
@@ -126,6 +128,7 @@ def create_app(
                     algorithms=settings.oidc_algorithms,
                     leeway=settings.oidc_leeway,
                     max_lifetime=settings.oidc_max_token_lifetime,
+                    jwks_refresh=settings.oidc_jwks_refresh,
                 )
                 stack.push_async_callback(auth.aclose)
                 await auth.start()
@@ -134,6 +137,10 @@ def create_app(
                 settings.nats_prefix,
                 instance_id=settings.instance_id,
                 replicas=settings.nats_replicas,
+                credentials=settings.nats_creds,
+                tls_ca=settings.nats_tls_ca,
+                tls_cert=settings.nats_tls_cert,
+                tls_key=settings.nats_tls_key,
             )
             manager = SecretsManager(
                 vault,
@@ -167,13 +174,14 @@ def create_app(
                 "service ready",
                 extra={
                     "instance_id": settings.instance_id,
-                    "vault": settings.vault_addr,
+                    "vault": redact_url(settings.vault_addr),  # never a user:password@
                     "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
                 },
             )
             # Also on app.state, for code embedding the app (and tests) to reach the manager.
             app.state.manager = manager
             app.state.bus = events
+            app.state.audit = audit
             yield {
                 "manager": manager,
                 "verifier": auth,
@@ -213,7 +221,12 @@ def create_app(
 async def _secret_endpoint(request: Request) -> Response:
     principal = await _authenticate(request)
     # /secrets:list has no path parameter: it is the listing of the top of the tree.
-    path, verb = split_custom_method(request.path_params.get("rest", ":list"))
+    rest: str = request.path_params.get("rest", ":list")
+    if not request.scope["path"].endswith(rest):
+        # A route's regex ends in `$`, which also matches before a final newline: for
+        # `/secrets/app/db%0A` the parameter is `app/db`. The path as received decides.
+        raise InvalidPath("a path or custom method must not end with a line break")
+    path, verb = split_custom_method(rest)
     if verb == "list":
         validate_prefix(path)
     else:
@@ -269,7 +282,10 @@ async def _metrics(request: Request) -> Response:
         return await _route_not_found(request, LookupError())  # served on its own port
     if settings.metrics_role is not None:
         principal = await _authenticate(request)
-        if settings.metrics_role not in principal.roles:
+        scopes = principal.scopes  # as for secrets: scopes narrow what the role grants
+        if settings.metrics_role not in principal.roles or (
+            scopes is not None and _METRICS_SCOPE not in scopes
+        ):
             raise Forbidden("no grant for the metrics")
     metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -459,15 +475,19 @@ class _SecretsApp(Starlette):
 
 class _RequestIds:
     """Generated ids: a random prefix per app and a counter, 32 hex digits like a UUID's,
-    unique across instances and restarts, at an eighth of uuid4()'s cost."""
+    unique across instances and restarts, at an eighth of uuid4()'s cost.
+
+    Every request gets one, whatever it sent: it is the `request_id` of its audit record and
+    log line, and its `X-Request-ID` header. A caller's own well-formed X-Request-ID is kept
+    beside it as `client_request_id`, so no caller can make its records pass for another's.
+    """
 
     def __init__(self) -> None:
         self._prefix = secrets.token_hex(8)
         self._counter = itertools.count()
 
-    def next(self, scope: Scope) -> str:
-        """The caller's X-Request-ID if it is well-formed, else a new id."""
-        return _request_id(scope) or f"{self._prefix}{next(self._counter):016x}"
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class _RequestContext:
@@ -496,7 +516,10 @@ class _RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx: dict[str, Any] = {"request_id": self.ids.next(scope)}
+        ctx: dict[str, Any] = {"request_id": self.ids.next()}
+        theirs = _request_id(scope)
+        if theirs is not None:
+            ctx["client_request_id"] = theirs
         await self._routed(scope, receive, send, ctx, time.perf_counter())
 
     async def answer_cached(self, scope: Scope, send: Send) -> bool:
@@ -504,10 +527,13 @@ class _RequestContext:
         for the routes to answer."""
         started = time.perf_counter()
         ctx: dict[str, Any] = {"request_id": ""}  # first: the log line shows it first
+        theirs = _request_id(scope)
+        if theirs is not None:  # next, as on the routes
+            ctx["client_request_id"] = theirs
         answer = _cached_read(scope, ctx)
         if answer is None:
             return False  # the routes give the request its id
-        request_id = ctx["request_id"] = self.ids.next(scope)
+        request_id = ctx["request_id"] = self.ids.next()
         response_start, response_body = answer
         response_start["headers"].append((b"x-request-id", request_id.encode()))
         try:
@@ -675,6 +701,7 @@ def _audit_record(
         sub=ctx.get("actor"),
         client_id=ctx.get("client_id"),
         source=client[0] if client else None,
+        client_request_id=ctx.get("client_request_id"),
     )
 
 

@@ -25,6 +25,11 @@ A line sink on a regular file takes a confirmed record from the event loop itsel
 the record is the OS's once `write` returned); a pipe or a terminal, whose writes can block,
 from a worker thread, as do batches.
 
+Records of requests refused at authentication (outcome `unauthenticated`: nobody verified) are
+noise anyone can make: they may take at most a quarter of the queue at once, and beyond that are
+dropped and counted apart (`noise_dropped`), never marking the queue overflowed. A flood of 401s
+can then neither crowd out nor refuse the records of authenticated requests.
+
 `writes` is the default because a change that nobody can trace is worse than a change refused,
 while refusing reads whenever the log hiccups would make the audit log the availability bottle
 neck of every consumer (reads are still audited, best effort, and counted when dropped). `all`
@@ -50,7 +55,15 @@ from schemas.audit import AuditRecord, audit_encoder
 from service.errors import AuditUnavailable, ConfigError
 from service.timestamps import utc_now
 
-__all__ = ["AUDIT_OPS", "FAIL_CLOSED_MODES", "READ_OPS", "AuditLog", "AuditPublisher", "LineSink"]
+__all__ = [
+    "AUDIT_OPS",
+    "DROP_REASONS",
+    "FAIL_CLOSED_MODES",
+    "READ_OPS",
+    "AuditLog",
+    "AuditPublisher",
+    "LineSink",
+]
 
 log = logging.getLogger("secrets.audit")
 
@@ -61,6 +74,12 @@ AUDIT_OPS = READ_OPS | {"write", "delete", "undelete", "destroy", "rollback", "o
 """The closed set of op names in records and subjects; anything else is recorded as `other`."""
 
 FAIL_CLOSED_MODES = ("writes", "all", "none")
+
+DROP_REASONS = ("queue_full", "unauthenticated_flood")
+"""Why records are dropped (a metric label): the queue overflowed, or the unauthenticated
+requests' share of it did (which never refuses anything)."""
+
+_UNAUTHENTICATED = "unauthenticated"  # the outcome of a 401: no principal was verified
 
 
 _MESSAGE_BYTES = 64 * 1024
@@ -180,8 +199,10 @@ class AuditLog:
         self.flush_interval = flush_interval
         self.timeout = timeout
         self.queue_size = queue_size
-        # (op, encoded record): a list and an event, cheaper per record than an asyncio.Queue.
-        self._queue: list[tuple[str, bytes]] = []
+        # (op, encoded record, unauthenticated): a list and an event, cheaper per record than
+        # an asyncio.Queue; `_noise` counts the unauthenticated ones queued.
+        self._queue: list[tuple[str, bytes, bool]] = []
+        self._noise = 0
         self._queued = asyncio.Event()
         self._closing = False
         self._limiter = anyio.CapacityLimiter(1)  # one worker thread writes, in order
@@ -194,6 +215,7 @@ class AuditLog:
         self.written: dict[str, int] = {"stdout": 0, "file": 0, "nats": 0}
         self.failed: dict[str, int] = {"stdout": 0, "file": 0, "nats": 0}
         self.dropped = 0
+        self.noise_dropped = 0  # unauthenticated records beyond their share: never refuses
         self.refused = 0
 
     @property
@@ -237,6 +259,7 @@ class AuditLog:
         sub: str | None,
         client_id: str | None,
         source: str | None,
+        client_request_id: str | None = None,
     ) -> AuditRecord:
         """The record of a request; `at`: its time (`service.timestamps.utc_now()`) if known."""
         return AuditRecord(
@@ -254,6 +277,7 @@ class AuditLog:
             client_id=client_id,
             source=source,
             instance_id=self.instance_id,
+            client_request_id=client_request_id,
         )
 
     # -- writing ---------------------------------------------------------------------------
@@ -262,13 +286,23 @@ class AuditLog:
         """Queue `record` for the background writer; never blocks, never raises."""
         if not self._enabled:
             return
-        if len(self._queue) >= self.queue_size:
+        noise = record.outcome == _UNAUTHENTICATED
+        if noise:
+            # Anyone can send requests without a token: their records get a share of the
+            # queue, and a flood of them is dropped without refusing anyone else.
+            if self._noise >= self.queue_size // 4 or len(self._queue) >= self.queue_size:
+                if not self.noise_dropped:
+                    log.warning("audit queue: unauthenticated requests' records dropped")
+                self.noise_dropped += 1
+                return
+            self._noise += 1
+        elif len(self._queue) >= self.queue_size:
             self.dropped += 1
             if not self._backlogged:
                 log.error("audit queue full: records dropped, fail-closed operations refused")
             self._backlogged = True
             return
-        self._queue.append((record.op, audit_encoder.encode(record)))
+        self._queue.append((record.op, audit_encoder.encode(record), noise))
         if not self._queued.is_set():
             self._queued.set()
 
@@ -336,6 +370,8 @@ class AuditLog:
                     await asyncio.sleep(self.flush_interval)
             batch = self._queue[: self.batch_size]
             del self._queue[: self.batch_size]
+            if self._noise:
+                self._noise -= sum(noise for _, _, noise in batch)
             try:
                 await self._deliver(batch)
             except Exception:  # noqa: BLE001 - the writer must outlive any one batch
@@ -344,10 +380,10 @@ class AuditLog:
                 self._backlogged = False
                 log.warning("audit queue drained: accepting fail-closed operations again")
 
-    async def _deliver(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _deliver(self, batch: list[tuple[str, bytes, bool]]) -> None:
         jobs: list[Coroutine[Any, Any, object]] = []
         if self.line is not None:
-            lines = b"\n".join([payload for _, payload in batch]) + b"\n"
+            lines = b"\n".join([payload for _, payload, _ in batch]) + b"\n"
             jobs.append(self._write_line(lines, len(batch)))
         if self.publisher is not None:
             jobs.append(self._publish_batch(batch))
@@ -396,12 +432,12 @@ class AuditLog:
         self._nats_ok = ok
         return ok
 
-    async def _publish_batch(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _publish_batch(self, batch: list[tuple[str, bytes, bool]]) -> None:
         """A plain publish (no round trip) per run of records of one op, as lines, in order."""
         run: list[bytes] = []
         run_op = ""
         size = 0
-        for op, payload in batch:
+        for op, payload, _ in batch:
             if run and (op != run_op or size + len(payload) > _MESSAGE_BYTES):
                 await self._publish_run(run_op, run)
                 run, size = [], 0

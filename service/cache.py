@@ -1,6 +1,7 @@
 """The in-process secret cache: LRU by entry count, TTL by age, version-monotonic invalidation.
 
-Entries are keyed by (path, None) for the latest version and (path, N) for a pinned old version.
+Entries are keyed by (path, None) for the latest version and (path, N) for a pinned old version;
+both age alike (a version deleted or destroyed straight in Vault must not outlive the bound).
 An invalidation for version V evicts a latest-entry older than V and never a newer one, so events
 that arrive out of order cannot roll the cache back.
 """
@@ -48,7 +49,7 @@ class SecretCache:
     def get(
         self, path: str, version: int | None, max_age: float, *, count: bool = True
     ) -> CacheEntry | None:
-        """The entry if it is younger than min(ttl, max_age); pinned versions never age.
+        """The entry if it is younger than min(ttl, max_age), pinned versions too.
 
         `count=False` leaves the hit and miss counters alone (a second look within one read).
         """
@@ -57,7 +58,7 @@ class SecretCache:
         if entry is None:
             self.misses += count
             return None
-        if version is None and self._clock() - entry.fetched_at >= min(self.ttl, max_age):
+        if self._clock() - entry.fetched_at >= min(self.ttl, max_age):
             del self._entries[key]
             self.evictions += 1
             self.misses += count

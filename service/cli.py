@@ -23,7 +23,7 @@ from service.app import create_app
 from service.errors import ConfigError
 from service.logs import configure_logging
 from service.policy import Policy
-from service.server import HttpProtocol
+from service.server import server_config
 from service.settings import Settings
 from service.validation import Validator
 
@@ -95,18 +95,9 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _serve(settings: Settings, *, started: asyncio.Event | None = None) -> int:
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        proxy_headers=False,
-        http=HttpProtocol,  # one send per response (service/server.py)
-    )
-    server = uvicorn.Server(config)
+    # HttpProtocol (one send per response, bounded request heads), the concurrency limit, and
+    # HTTPS when SECRETS_TLS_CERT/KEY are set: a key that does not load is a ConfigError here.
+    server = uvicorn.Server(server_config(app, settings))
     if started is not None:
         watcher = asyncio.get_running_loop().create_task(_signal_started(server, started))
     try:

@@ -69,6 +69,9 @@ environment:
   SECRETS_TOKEN        bearer token (JWT) for every command but watch
   SECRETS_NATS_URL     NATS servers for watch, comma-separated (default {DEFAULT_NATS_URL})
   SECRETS_NATS_PREFIX  subject prefix for watch (default secrets)
+  SECRETS_NATS_CREDS   NATS credentials file for watch (user and password may stand in the URL)
+  SECRETS_NATS_TLS_CA, SECRETS_NATS_TLS_CERT, SECRETS_NATS_TLS_KEY
+                       TLS to NATS for watch: CA bundle, client certificate and key
 
 output:
   stdout: the service's JSON answer (watch: one JSON object per line, per change)
@@ -326,6 +329,11 @@ def _watch(
             start_sequence=args.from_sequence,
             connect_timeout=args.connect_timeout,
             name="secretsctl-watch",
+            # The same variables as the service's: user and password may stand in the URL.
+            credentials=environ.get("SECRETS_NATS_CREDS") or None,
+            tls_ca=environ.get("SECRETS_NATS_TLS_CA") or None,
+            tls_cert=environ.get("SECRETS_NATS_TLS_CERT") or None,
+            tls_key=environ.get("SECRETS_NATS_TLS_KEY") or None,
         )
     except ValueError as exc:
         _print(stderr, {"error": "invalid_request", "detail": str(exc)}, compact=True)

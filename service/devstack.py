@@ -378,7 +378,13 @@ class OpenBaoServer:
 
 
 class NatsServer:
-    """`nats-server` with JetStream on loopback ports, optionally one node of a cluster."""
+    """`nats-server` with JetStream on loopback ports, optionally one node of a cluster.
+
+    `config` is the text of a nats-server configuration file for what flags cannot say:
+    `authorization` (users, passwords, NKEYs, per-user publish and subscribe permissions),
+    `tls`, `accounts`, an `operator`. The listen address, ports, JetStream and the cluster are
+    still set here, by flags, which take precedence over the file.
+    """
 
     def __init__(
         self,
@@ -391,6 +397,7 @@ class NatsServer:
         routes: Sequence[str] = (),
         server_name: str | None = None,
         log_path: Path | None = None,
+        config: str | None = None,
     ) -> None:
         wanted = [port, monitor_port, cluster_port if cluster_name is not None else 0]
         spare = iter(_free_ports(sum(p is None for p in wanted)))
@@ -404,6 +411,8 @@ class NatsServer:
         self.cluster_name = cluster_name
         self.routes = tuple(routes)
         self.server_name = server_name
+        self.config = config
+        self._config_path: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._store_dir = store_dir
         self._owns_store = store_dir is None
@@ -437,6 +446,13 @@ class NatsServer:
             self._store_dir = Path(tempfile.mkdtemp(prefix="nats-js-"))
         argv = [binary, "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port)]
         argv += ["-js", "-sd", str(self._store_dir)]
+        if self.config is not None:
+            if self._config_path is None:
+                fd, name = tempfile.mkstemp(prefix="nats-server-", suffix=".conf")
+                with os.fdopen(fd, "w") as out:  # 0600: it may hold passwords
+                    out.write(self.config)
+                self._config_path = Path(name)
+            argv += ["-c", str(self._config_path)]
         if self.server_name is not None:
             argv += ["--server_name", self.server_name]
         if self.cluster_name is not None:
@@ -526,6 +542,9 @@ class NatsServer:
         if self._owns_store and self._store_dir is not None:
             shutil.rmtree(self._store_dir, ignore_errors=True)
             self._store_dir = None
+        if self._config_path is not None:
+            self._config_path.unlink(missing_ok=True)
+            self._config_path = None
 
     def restart(self, timeout: float = 15.0) -> None:
         """Stop and start again on the same ports with the same JetStream store."""
@@ -549,12 +568,26 @@ class ServiceProcess:
     """`python -m service serve` as a child process, configured by `environ` (SECRETS_*).
 
     For tests and the soak that need a real process: one to SIGKILL, or to measure from /proc.
+    With SECRETS_TLS_CERT in `environ` it serves HTTPS: `url` is https, and the readiness probe
+    trusts `tls_ca` (a PEM CA file; the system's CAs without it).
     """
 
-    def __init__(self, environ: Mapping[str, str], *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        *,
+        log_path: Path | None = None,
+        tls_ca: str | Path | None = None,
+    ) -> None:
+        import ssl  # only here: the rest of the dev stack speaks plain HTTP
+
         self.environ = dict(environ)
         self.port = int(self.environ.get("SECRETS_PORT", "8080"))
-        self.url = f"http://{self.environ.get('SECRETS_HOST', '127.0.0.1')}:{self.port}"
+        scheme = "https" if self.environ.get("SECRETS_TLS_CERT") else "http"
+        self.url = f"{scheme}://{self.environ.get('SECRETS_HOST', '127.0.0.1')}:{self.port}"
+        self.verify: ssl.SSLContext | bool = (
+            True if tls_ca is None else ssl.create_default_context(cafile=str(tls_ca))
+        )
         self.process: subprocess.Popen[bytes] | None = None
         self._log = _Log(log_path, "secrets-service-")
 
@@ -584,7 +617,7 @@ class ServiceProcess:
         argv = [sys.executable, "-m", "service", "serve"]
         self.process = process = _spawn(argv, self._log, env)
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0, trust_env=False) as client:
+        with httpx.Client(timeout=1.0, trust_env=False, verify=self.verify) as client:
             while True:
                 if process.poll() is not None:
                     tail = self._log.tail()

@@ -25,6 +25,7 @@ from schemas.api import (
 )
 from service.auth import Principal
 from service.errors import Forbidden, InvalidRequest, NotFound
+from service.listing import readable_keys
 from service.logs import request_context
 from service.manager import SecretsManager
 from service.policy import DESTROY, READ, WRITE, Policy
@@ -38,6 +39,7 @@ T = TypeVar("T")
 _NO_STORE = {"Cache-Control": "no-store"}
 _VERSIONS_BODY = '{"versions": [N, ...]}'
 _ROLLBACK_BODY = '{"to_version": N, "version": N}'
+_NOTHING_READABLE = "nothing readable under this prefix"  # missing or not: the same words
 
 
 class Require(Protocol):
@@ -109,17 +111,27 @@ class SecretMethods:
         if audit is not None:
             audit.check("list")
         policy: Policy = request.state.policy
-        # Forbidden unless some readable path could lie below: the same answer whether the
-        # prefix exists or not, so listing reveals no name outside the caller's grants.
-        if not any(
-            glob.could_match_under(path)
-            for glob in policy.grants(principal.roles, principal.scopes, READ)
-        ):
+        globs = policy.grants(principal.roles, principal.scopes, READ)
+        # Forbidden unless some readable path could lie below: decided by the policy alone, so
+        # the same answer whether the prefix exists or not.
+        if not any(glob.could_match_under(path) for glob in globs):
             raise Forbidden(path=path)
         manager: SecretsManager = request.state.manager
-        keys = await manager.list_keys(path)
-        shown = visible_keys(policy, principal, path, keys)
-        return _json(KeyList(prefix=path, keys=shown))
+        try:
+            keys = await manager.list_keys(path)
+        except NotFound:
+            raise NotFound(_NOTHING_READABLE, path=path) from None
+        candidates = visible_keys(policy, principal, path, keys)
+        # A folder is shown only if a readable secret exists below it: walking to find one
+        # is bounded (service.listing), and a folder left undecided is hidden.
+        listing = await readable_keys(manager.list_keys, globs, path, candidates)
+        _note(list_calls=listing.calls + 1, list_truncated=listing.truncated)
+        if not listing.keys:
+            # Nothing readable: the answer a missing prefix gets, byte for byte. A truncated
+            # walk that found nothing says so only in the log: saying it here would tell that
+            # the prefix exists.
+            raise NotFound(_NOTHING_READABLE, path=path)
+        return _json(KeyList(prefix=path, keys=listing.keys, truncated=listing.truncated))
 
     async def delete(self, request: Request, principal: Principal, path: str) -> Response:
         self._require(request, principal, WRITE, path, op="delete")
@@ -143,6 +155,9 @@ class SecretMethods:
         return _acted(path, done)
 
     async def rollback(self, request: Request, principal: Principal, path: str) -> Response:
+        # Read as well as write: the answer (422 naming fields and rules, 404) tells what the
+        # old version holds. Both are checked before the body is read or Vault is asked.
+        self._require(request, principal, READ, path, op="rollback")
         self._require(request, principal, WRITE, path, op="rollback")
         body = await self._body(request, path, rollback_request_decoder, _ROLLBACK_BODY)
         _note(from_version=body.to_version)
@@ -187,8 +202,10 @@ def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T], expected: str, pat
 
 
 def visible_keys(policy: Policy, principal: Principal, prefix: str, keys: list[str]) -> list[str]:
-    """The listed `keys` the caller may see: a key is shown if some path at or below it is
-    readable by the caller (a folder key, ending in ``/``, if a readable path lies below)."""
+    """The listed `keys` the policy alone lets the caller see: a key if the caller may read
+    it, a folder key (ending in ``/``) if some path the caller may read could lie below it.
+
+    Whether a folder really holds a readable secret is for `service.listing.readable_keys`."""
     globs = policy.grants(principal.roles, principal.scopes, READ)
     shown = []
     for key in keys:

@@ -29,6 +29,7 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "log_request",
+    "redact_url",
     "request_context",
 ]
 
@@ -100,6 +101,29 @@ def _shown(value: Any) -> Any:
     if value is None or isinstance(value, _SCALARS):
         return value
     return f"<{type(value).__name__}>"
+
+
+def redact_url(url: str) -> str:
+    """`url` (or several, comma-separated) with any credentials before the host (`user:pass@`)
+    shown as `***@`: `https://u:p@vault:8200/x` -> `https://***@vault:8200/x`."""
+    if "@" not in url:
+        return url
+    return ",".join(_redact_userinfo(part) for part in url.split(","))
+
+
+def _redact_userinfo(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    if not separator:  # no scheme: `user:pass@host:4222`
+        scheme, rest = "", url
+    end = len(rest)  # the authority ends at the first of / ? #
+    for delimiter in "/?#":
+        found = rest.find(delimiter, 0, end)
+        if found != -1:
+            end = found
+    at = rest.rfind("@", 0, end)
+    if at == -1:
+        return url
+    return f"{scheme}{separator}***{rest[at:]}"
 
 
 def log_request(logger: logging.Logger, fields: dict[str, Any], at: str | None = None) -> None:

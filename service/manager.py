@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -47,6 +48,7 @@ _encode = msgspec.json.Encoder().encode
 _KNOWN_MAX = 100_000  # paths whose newest version is remembered (about 100 bytes each)
 _REREADS = 3  # reads of a path that Vault answers with a version older than one announced
 _SEEN_MAX = 10_000  # lifecycle event ids remembered, so a replayed one is applied once
+_CHECK_VERSIONS = 1000  # versions lifecycle claims on one path may name while it waits
 
 
 class EventSink(Protocol):
@@ -55,7 +57,38 @@ class EventSink(Protocol):
     def publish(self, event: ChangeEvent) -> None: ...
 
 
+class _Claims:
+    """What events claim about one path, waiting for Vault to confirm it."""
+
+    __slots__ = ("before", "events", "provisional", "version")
+
+    def __init__(self) -> None:
+        self.version = 0  # the highest version change events claim (0: none)
+        self.provisional = 0  # the version recorded before the check confirms it (0: none)
+        self.before = 0  # what `_known` held before that, restored if Vault does not hold it
+        # kind -> the lifecycle claims of that kind, merged: Vault's state at the check decides.
+        self.events: dict[type[LifecycleEvent], LifecycleEvent] = {}
+
+    def add(self, event: LifecycleEvent) -> bool:
+        """Merge `event` into the claims waiting; False if that would name too many versions."""
+        kind = type(event)
+        waiting = self.events.get(kind)
+        if waiting is not None:
+            versions: tuple[int, ...] = ()  # none named: every version of the path
+            if waiting.versions and event.versions:
+                versions = tuple(sorted({*waiting.versions, *event.versions}))
+            if len(versions) > _CHECK_VERSIONS:
+                return False
+            version = max(waiting.version, event.version)
+            event = msgspec.structs.replace(waiting, version=version, versions=versions)
+        self.events[kind] = event
+        return True
+
+
 class SecretsManager:
+    VERIFY_CONCURRENCY = 8  # Vault checks of what events claim, in flight at once
+    VERIFY_QUEUE = 1024  # paths with claims waiting for a check; beyond, events only evict
+
     def __init__(
         self,
         backend: VaultBackend,
@@ -87,6 +120,10 @@ class SecretsManager:
         # path -> versions known deleted or destroyed: never cached, whatever read lands late.
         self._gone: OrderedDict[str, set[int]] = OrderedDict()
         self._seen_lifecycle: OrderedDict[str, None] = OrderedDict()
+        # path -> what events claim about it, until Vault confirms it (see apply_change).
+        self._claims: dict[str, _Claims] = {}
+        self._verify_gate = asyncio.Semaphore(self.VERIFY_CONCURRENCY)
+        self.events_dropped: dict[str, int] = {}  # reason -> events Vault did not confirm
         # path -> the version listeners last heard: each is told of a version once, in order.
         self._heard: OrderedDict[str, int] = OrderedDict()
         self.listener_errors = 0
@@ -135,7 +172,8 @@ class SecretsManager:
 
     @property
     def _max_age(self) -> float:
-        # While the bus is down, invalidations may be missed: only young entries are served.
+        # While the bus is down, invalidations may be missed: only young entries are served,
+        # pinned versions included (one destroyed meanwhile must not outlive the bound).
         return self.cache.ttl if self.bus_connected else self.fallback_ttl
 
     async def _load(self, path: str) -> Secret:
@@ -228,8 +266,9 @@ class SecretsManager:
     async def list_keys(self, prefix: str = "") -> list[str]:
         """The keys right under `prefix` (``""``: the top); folders end in ``/``.
 
-        Unfiltered: code acting for a caller filters them by the caller's grants. Raises
-        NotFound when nothing is under `prefix`.
+        Unfiltered: code acting for a caller filters them by the caller's grants, and shows a
+        folder only if a readable secret exists below it (`service.listing`). Raises NotFound
+        when nothing is under `prefix`.
         """
         validate_prefix(prefix)
         return await self.backend.list_keys(prefix)
@@ -315,19 +354,47 @@ class SecretsManager:
     # -- changes made elsewhere ------------------------------------------------------------
 
     def apply_change(self, path: str, version: int) -> None:
-        """Another instance (or Vault directly) made `version` of `path`: evict, then notify.
+        """Another instance (or Vault directly) says it made `version` of `path`: evict now,
+        then tell listeners once Vault confirms it.
 
-        Eviction happens before this returns; listeners are called in the background with the
-        value read once and shared by all of them. They hear each version at most once and
-        never an older after a newer: events from several instances may arrive out of order,
-        and a version already superseded when its event (or read) lands is not told again.
+        The claim comes off the bus, where whoever may publish can forge one, so it never
+        moves what this instance believes past what Vault holds. Evicting is safe whatever the
+        claim (it costs one re-read) and happens before this returns; then:
+
+        - a version the cache holds already (it came from Vault) is applied at once;
+        - the next version after the newest known here, or any version of a path this instance
+          knows nothing of, is the common case: recorded at once, so that a read or write in
+          flight cannot cache an older version, and checked against Vault in the background,
+          which takes it back if Vault does not hold it;
+        - a jump past that (a missed event causes one, and so does a forger) is recorded only
+          once Vault shows it.
+
+        The checks are bounded (`VERIFY_QUEUE` paths waiting, `VERIFY_CONCURRENCY` at once,
+        one per path, claims merged); a claim beyond them only evicts. Listeners hear each
+        version at most once and never an older after a newer: events from several instances
+        may arrive out of order, and a version already superseded when its event (or read)
+        lands is not told again.
         """
+        held = self._held_version(path)
+        self.cache.invalidate(path, version)
+        known = self._known.get(path, 0)
+        if version <= known:
+            return  # a duplicate, a replay or a late event: nothing newer
+        if version <= held:
+            self._apply_confirmed(path, version)  # Vault gave us this version already
+            return
+        claims = self._claims.get(path)
+        # While one unconfirmed version stands, anything newer is a jump: forged "next"
+        # versions cannot climb one by one.
+        base = max(known, held)
+        fast = (claims is None or not claims.provisional) and (base == 0 or version == base + 1)
+        self._claim(path, version, provisional=fast)
+
+    def _apply_confirmed(self, path: str, version: int) -> None:
         newest = self._advance(path, version)
         self.cache.invalidate(path, version)
         if self._listeners and newest:
-            task = asyncio.get_running_loop().create_task(self._read_and_notify(path))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._read_and_notify(path))
 
     async def _read_and_notify(self, path: str, *, again: bool = False) -> None:
         """Tell listeners the value a read now returns: unless they heard that version already
@@ -346,19 +413,30 @@ class SecretsManager:
         self._notify(path, value)
 
     def apply_lifecycle(self, event: LifecycleEvent) -> None:
-        """Another instance (or Vault directly) deleted, undeleted or destroyed versions.
+        """Another instance (or Vault directly) says it deleted, undeleted or destroyed versions.
 
-        Deleted and destroyed versions are evicted before this returns (with no versions
-        named, every entry of the path); listeners then hear the value a read now returns.
+        The entries concerned (with no versions named, every entry of the path) are evicted
+        before this returns; whatever the event claims is recorded (a version never to be
+        cached again) and told to listeners only once Vault's metadata shows it, in the
+        background, bounded as for `apply_change`.
         """
         if event.event_id in self._seen_lifecycle:
             return  # replayed after a reconnect: already applied
         self._seen_lifecycle[event.event_id] = None
         if len(self._seen_lifecycle) > _SEEN_MAX:
             self._seen_lifecycle.popitem(last=False)
-        self._apply_lifecycle(event)
+        path, versions = event.path, frozenset(event.versions)
+        # New readers must not join a read that may predate the change.
+        self._flights.pop(path, None)
+        self.cache.drop_latest(path)
+        if not isinstance(event, SecretUndeleted):
+            self.cache.drop_versions(path, versions or None)
+        claims = self._claims_for(path)
+        if claims is not None and not claims.add(event):
+            self._drop("verify_overflow")
 
     def _apply_lifecycle(self, event: LifecycleEvent) -> None:
+        """Apply a lifecycle change known to be true: made here, or confirmed by Vault."""
         path, versions = event.path, set(event.versions)
         self._advance(path, event.version)
         # New readers must not join a read that may predate the change.
@@ -412,6 +490,173 @@ class SecretsManager:
         # New readers must not join a read that may predate this version.
         self._flights.pop(path, None)
         return True
+
+    # -- checking what events claim -----------------------------------------------------------
+
+    @property
+    def pending_checks(self) -> int:
+        """Paths whose event claims wait for (or are in) a check against Vault."""
+        return len(self._claims)
+
+    def _held_version(self, path: str) -> int:
+        """The version of the cached latest entry of `path` (it came from Vault), else 0."""
+        entry = self.cache.get(path, None, math.inf, count=False)
+        return 0 if entry is None else entry.secret.version
+
+    def _claim(self, path: str, version: int, *, provisional: bool) -> None:
+        claims = self._claims_for(path)
+        if claims is None:
+            # Not checked, so not recorded: new readers must not join a read that may
+            # predate the change, if it is real.
+            self._flights.pop(path, None)
+            return
+        claims.version = max(claims.version, version)
+        if provisional:
+            claims.before = self._known.get(path, 0)
+            claims.provisional = version
+            self._advance(path, version)
+        else:
+            self._flights.pop(path, None)
+
+    def _claims_for(self, path: str) -> _Claims | None:
+        """The pending claims of `path`, with a check on its way; None (counted) when full."""
+        claims = self._claims.get(path)
+        if claims is None:
+            if len(self._claims) >= self.VERIFY_QUEUE:
+                self._drop("verify_overflow")
+                return None
+            claims = self._claims[path] = _Claims()
+            self._spawn(self._verify(path, claims))
+        return claims
+
+    async def _verify(self, path: str, claims: _Claims) -> None:
+        """Check the claims on `path` against Vault until none is left (one check a path)."""
+        try:
+            async with self._verify_gate:
+                while claims.version or claims.events:
+                    version, claims.version = claims.version, 0
+                    events, claims.events = list(claims.events.values()), {}
+                    provisional, before = claims.provisional, claims.before
+                    try:
+                        await self._settle(path, version, provisional, before, events)
+                    except SecretsError as exc:
+                        # Not confirmed, so not applied: the eviction stands, nothing else.
+                        log.warning(
+                            "could not check a change event against Vault",
+                            extra={"path": path, "error_type": type(exc).__name__},
+                        )
+                        self._drop("unverified")
+                        self._take_back(path, provisional, before, 0)
+                    if claims.provisional == provisional:
+                        claims.provisional = 0
+        finally:
+            if self._claims.get(path) is claims:
+                del self._claims[path]
+
+    async def _settle(
+        self,
+        path: str,
+        version: int,
+        provisional: int,
+        before: int,
+        events: list[LifecycleEvent],
+    ) -> None:
+        secret: Secret | None = None
+        meta: SecretMetadata | None = None
+        if events:
+            try:
+                meta = await self.backend.read_metadata(path)
+            except NotFound:
+                meta = None  # no history at all
+            current = 0 if meta is None else meta.current_version
+        elif self._listeners:
+            # Listeners need the value anyway: a read that shows the version confirms it.
+            try:
+                secret = await self.get(path)
+            except NotFound:
+                secret = None
+            if secret is not None and secret.version >= version:
+                current = secret.version
+            else:
+                current = await self.backend.current_version(path)
+        else:
+            current = await self.backend.current_version(path)
+        if version:
+            self._settle_change(path, version, provisional, before, current, secret)
+        for event in events:
+            self._settle_lifecycle(event, meta)
+
+    def _settle_change(
+        self,
+        path: str,
+        version: int,
+        provisional: int,
+        before: int,
+        current: int,
+        secret: Secret | None,
+    ) -> None:
+        """Vault's current version of `path` is `current`: apply what it confirms of `version`."""
+        if version > current:
+            self._drop("beyond_vault")
+            self._take_back(path, provisional, before, current)
+        confirmed = min(version, current)
+        if confirmed <= 0:
+            return
+        self._advance(path, confirmed)
+        self.cache.invalidate(path, confirmed)  # a read that was in flight may have landed
+        if not self._listeners or self._heard.get(path, 0) >= confirmed:
+            return
+        if secret is not None and secret.version >= confirmed:
+            if self._hear(path, secret.version):
+                self._notify(path, secret.data)
+        else:
+            self._spawn(self._read_and_notify(path))
+
+    def _take_back(self, path: str, provisional: int, before: int, current: int) -> None:
+        """Undo a version recorded before Vault confirmed it, unless it moved on since."""
+        if provisional <= current or self._known.get(path) != provisional:
+            return
+        restored = max(before, current)
+        if restored:
+            self._known[path] = restored
+        else:
+            del self._known[path]
+
+    def _settle_lifecycle(self, event: LifecycleEvent, meta: SecretMetadata | None) -> None:
+        """Apply what Vault's metadata confirms of a lifecycle event; drop the rest."""
+        undeleted = isinstance(event, SecretUndeleted)
+        current = 0 if meta is None else meta.current_version
+        readable = {} if meta is None else {v.version: v.readable for v in meta.versions}
+
+        def holds(version: int) -> bool:
+            if undeleted:
+                return readable.get(version, False)
+            # Gone: deleted, destroyed, or pruned; never a version Vault has not reached yet
+            # (marking those would keep future versions out of the cache).
+            return version <= current and not readable.get(version, False)
+
+        named = event.versions
+        if not named:
+            # No versions named (an older publisher): those Vault shows in that state.
+            named = tuple(sorted(self._gone.get(event.path, ()) if undeleted else readable))
+        confirmed = tuple(v for v in named if holds(v))
+        if len(confirmed) < len(event.versions) or not confirmed:
+            self._drop("beyond_vault")
+        if not confirmed:
+            return
+        self._apply_lifecycle(
+            msgspec.structs.replace(event, version=min(event.version, current), versions=confirmed)
+        )
+
+    def _drop(self, reason: str) -> None:
+        count = self.events_dropped[reason] = self.events_dropped.get(reason, 0) + 1
+        if count & (count - 1) == 0:  # at 1, 2, 4, 8, ...: a flood must not flood the log
+            log.warning("change event claims dropped", extra={"reason": reason, "count": count})
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def check_versions(self, *, concurrency: int = 8) -> list[tuple[str, int]]:
         """Find changes made straight to Vault: compare every cached path with its metadata.

@@ -14,7 +14,8 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_vault_request_seconds{op}            secrets_vault_errors_total{op,error}
     secrets_events_published_total               secrets_events_received_total
     secrets_events_failed_total{stage}           secrets_event_lag_seconds
-    secrets_audit_records_total{sink,result}     secrets_audit_dropped_total
+    secrets_events_dropped_total{reason}
+    secrets_audit_records_total{sink,result}     secrets_audit_dropped_total{reason}
     secrets_audit_refused_total                  secrets_audit_healthy
 """
 
@@ -33,6 +34,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from events.bus import DROP_REASONS
 
 if TYPE_CHECKING:
     from events.bus import EventBus
@@ -192,9 +195,18 @@ class _StateCollector(Collector):
             yield _counter("secrets_events_received", "Change events received", bus.received)
             yield _labelled(
                 "secrets_events_failed",
-                "Change events that could not be published or decoded",
+                "Change events that could not be published",
                 "stage",
-                {"publish": bus.publish_failures, "decode": bus.decode_errors},
+                {"publish": bus.publish_failures},
+            )
+            # The bus drops what does not decode or match its subject; the manager what Vault
+            # does not confirm. Every reason is shown, at 0 until it happens.
+            manager_drops = self.manager.events_dropped
+            yield _labelled(
+                "secrets_events_dropped",
+                "Change events dropped, by reason",
+                "reason",
+                {r: bus.dropped.get(r, 0) + manager_drops.get(r, 0) for r in DROP_REASONS},
             )
         if self.audit is not None:
             audit = self.audit
@@ -208,8 +220,11 @@ class _StateCollector(Collector):
             for sink, count in list(audit.failed.items()):
                 family.add_metric([sink, "failed"], count)
             yield family
-            yield _counter(
-                "secrets_audit_dropped", "Audit records dropped: queue full", audit.dropped
+            yield _labelled(
+                "secrets_audit_dropped",
+                "Audit records dropped: queue full, or unauthenticated requests beyond their share",
+                "reason",
+                {"queue_full": audit.dropped, "unauthenticated_flood": audit.noise_dropped},
             )
             yield _counter(
                 "secrets_audit_refused", "Requests refused: no audit sink working", audit.refused

@@ -171,8 +171,10 @@ def _lifecycle_paths() -> dict[str, Any]:
     """Version history and lifecycle: DELETE on the secret and the AIP-136 custom methods."""
     list_op = _operation(
         "listSecrets",
-        "Keys right under a prefix that the caller may read at or below; folders end in '/' "
-        "(secrets:read on some path below the prefix, else 403)",
+        "Keys right under a prefix: secrets the caller may read, and folders (ending in '/') "
+        "below which the caller can read a secret that exists; 404 when there are none, "
+        "whether or not the prefix exists; 403 when no secrets:read glob could match below "
+        "the prefix; truncated: true when some folder was left out undecided",
         _json(KeyList, "The visible keys"),
     )
     return {
@@ -209,7 +211,8 @@ def _lifecycle_paths() -> dict[str, Any]:
             "post": _operation(
                 "rollbackSecret",
                 "Write an earlier version's data as the next version if the current version "
-                "matches (CAS; secrets:write). A deleted or destroyed to_version is 404",
+                "matches (CAS; secrets:read and secrets:write). A deleted or destroyed "
+                "to_version is 404",
                 _json(WriteResponse, "Written"),
                 body=RollbackRequest,
                 errors={

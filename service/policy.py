@@ -114,6 +114,44 @@ class PathGlob:
         room = MAX_SEGMENTS - len(segments)
         return any(state < end and max(1, self._min_segments(state)) <= room for state in states)
 
+    def covers_all_under(self, prefix: str) -> bool:
+        """True if every valid path strictly below `prefix` (``""``: the top) matches.
+
+        ``app/**`` covers ``app`` and ``app/x``; ``**/config`` covers nothing. Used by listings:
+        a folder Vault lists holds some key, so under a covering glob it holds a readable one.
+        """
+        if prefix == "":
+            segments: list[str] = []
+        elif is_valid_path(prefix):
+            segments = prefix.split("/")
+        else:
+            return False
+        room = MAX_SEGMENTS - len(segments)
+        if room < 1:
+            return False
+        tokens = self._tokens
+        states = self._closure({0})
+        for segment in segments:
+            moved = {
+                state if tokens[state] is None else state + 1
+                for state in states
+                if state < len(tokens) and _token_takes(tokens[state], segment)
+            }
+            states = self._closure(moved)
+        return any(self._takes_every_tail(state, room) for state in states)
+
+    def _takes_every_tail(self, state: int, room: int) -> bool:
+        # The tokens left must take every run of 1 to `room` segments: only whole-segment `*`
+        # (one segment) and `**` (any number), with at most one `*` if a `**` is among them,
+        # or exactly one `*` when a single segment is all there is room for.
+        rest = self._tokens[state:]
+        if any(token is not None and token.pattern != _ANY_SEGMENT for token in rest):
+            return False
+        singles = sum(1 for token in rest if token is not None)
+        if any(token is None for token in rest):
+            return singles <= 1
+        return singles == 1 == room
+
     def _closure(self, states: Iterable[int]) -> set[int]:
         # ``**`` may match nothing, so a state before one also stands after it.
         closed: set[int] = set()
@@ -320,3 +358,8 @@ def _glob_regex(segments: tuple[str, ...]) -> str:
         else:  # middle: zero or more segments, each preceded by "/"
             out.append(f"(?:/{_ANY_SEGMENT})*")
     return "".join(out)
+
+
+def _token_takes(token: re.Pattern[str] | None, segment: str) -> bool:
+    """Whether a `PathGlob` token takes `segment`: ``**`` (None) takes any."""
+    return token is None or token.fullmatch(segment) is not None

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from service.errors import ConfigError
+from service.logs import redact_url
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "Settings"]
 
@@ -71,18 +72,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __repr__(self) -> str:
-        # The Vault token and AppRole secret id are credentials: never printed.
+        # The Vault token and AppRole secret id are credentials: never printed; nor is a
+        # `user:password@` in the Vault, NATS or issuer URLs.
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.__rich_repr__()) + ")"
 
     def __rich_repr__(self) -> list[tuple[str, Any]]:
         hidden = ("vault_token", "vault_secret_id")
-        return [
-            (
-                name,
-                "**redacted**" if name in hidden and getattr(self, name) else getattr(self, name),
-            )
-            for name in self.__struct_fields__
-        ]
+        urls = ("vault_addr", "nats_url", "oidc_issuer")
+        shown: list[tuple[str, Any]] = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in hidden and value:
+                value = "**redacted**"
+            elif name in urls:
+                value = (
+                    redact_url(value)
+                    if isinstance(value, str)
+                    else tuple(redact_url(url) for url in value)
+                )
+            shown.append((name, value))
+        return shown
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -285,7 +294,7 @@ def _nats_urls(v: Any) -> tuple[str, ...]:
     for u in urls:
         parts = urlsplit(u)
         if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.netloc:
-            raise ValueError(f"not a NATS URL: {u!r}")
+            raise ValueError(f"not a NATS URL: {redact_url(u)!r}")
     return urls
 
 

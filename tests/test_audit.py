@@ -254,6 +254,53 @@ async def test_a_full_queue_drops_counts_and_refuses_until_drained(make: MakeLog
     assert len(stream.records()) == 4
 
 
+def unauthenticated(audit: AuditLog, n: int) -> AuditRecord:
+    """The record of a request refused at authentication: no verified principal."""
+    return record(
+        audit, request_id=f"noise-{n}", allowed=False, outcome="unauthenticated", status=401,
+        reason="missing_token", sub=None, client_id=None,
+    )  # fmt: skip
+
+
+async def test_a_flood_of_unauthenticated_records_never_refuses_audited_writes(
+    make: MakeLog,
+) -> None:
+    stream = FlakyStream()
+    publisher = FakePublisher()
+    publisher.delay = 3600  # stalled: a batch published to NATS never finishes
+    audit = await make(line=line_sink(stream), publisher=publisher, queue_size=40, timeout=0.5)
+    for n in range(1000):  # no await in between: the writer cannot run
+        audit.submit(unauthenticated(audit, n))
+    assert audit.healthy
+    audit.check("write")  # not refused
+    assert audit.noise_dropped == 1000 - 40 // 4
+    assert audit.dropped == 0
+    # Authenticated records still have the rest of the queue, and a write is confirmed.
+    for n in range(30):
+        audit.submit(record(audit, request_id=f"r-{n}"))
+    assert audit.dropped == 0 and audit.healthy
+    assert await audit.confirm(record(audit, "write", request_id="w-1"))
+    await eventually(lambda: "w-1" in [r.request_id for r in stream.records()])
+
+
+async def test_dropped_unauthenticated_records_never_mark_the_queue_backlogged(
+    make: MakeLog,
+) -> None:
+    stream = FlakyStream()
+    audit = await make(line=line_sink(stream), publisher=None, queue_size=8)
+    for n in range(6):
+        audit.submit(record(audit, request_id=f"r-{n}"))
+    for n in range(100):
+        audit.submit(unauthenticated(audit, n))
+    assert audit.healthy and audit.dropped == 0
+    assert audit.noise_dropped == 100 - 2  # the queue held 6 + 2, its whole size
+    audit.check("write")
+    await eventually(lambda: len(stream.records()) == 8)
+    # Once written, the noise budget is free again.
+    audit.submit(unauthenticated(audit, 100))
+    await eventually(lambda: len(stream.records()) == 9)
+
+
 async def test_without_any_sink_nothing_is_confirmed_or_refused(make: MakeLog) -> None:
     audit = await make(line=None, publisher=None)
     assert not audit.must_confirm("write")

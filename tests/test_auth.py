@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -124,6 +124,7 @@ class FakeIssuer:
         self.advertised_issuer = ISSUER
         self.down = False
         self.jwks_delay = 0.0
+        self.cache_control: str | None = None  # sent with the JWKS when set
         self.requests: list[httpx.URL] = []
 
     def jwks_fetches(self) -> int:
@@ -141,7 +142,8 @@ class FakeIssuer:
         if url == JWKS_URI:
             await asyncio.sleep(self.jwks_delay)
             published = [key.as_dict(private=False) for key in self.keys]
-            return httpx.Response(200, json={"keys": published + self.extra_jwks})
+            headers = {} if self.cache_control is None else {"cache-control": self.cache_control}
+            return httpx.Response(200, json={"keys": published + self.extra_jwks}, headers=headers)
         if url.startswith(ATTACKER):
             return httpx.Response(200, json={"keys": []})
         return httpx.Response(404)
@@ -169,6 +171,25 @@ async def verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[OIDCV
     await verifier.start()
     yield verifier
     await verifier.aclose()
+
+
+MakeVerifier = Callable[..., Awaitable[OIDCVerifier]]
+
+
+@pytest.fixture
+async def make_verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[MakeVerifier]:
+    """Started verifiers for ISSUER with the given options, each closed after the test."""
+    made: list[OIDCVerifier] = []
+
+    async def make(**options: Any) -> OIDCVerifier:
+        verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock, **options)
+        made.append(verifier)
+        await verifier.start()
+        return verifier
+
+    yield make
+    for verifier in made:
+        await verifier.aclose()
 
 
 async def rejection(verifier: OIDCVerifier, token: str) -> str:
@@ -231,6 +252,85 @@ def test_symmetric_none_or_empty_algorithm_lists_are_a_config_error(
     assert info.value.setting == "SECRETS_OIDC_ALGORITHMS"
 
 
+def issuer_at(
+    issuer: str, keys: list[Key], jwks_uri: str | None = None
+) -> tuple[httpx.AsyncClient, list[str]]:
+    """A client whose transport serves discovery and a JWKS for `issuer`, and the URLs asked."""
+    jwks = jwks_uri or issuer + "/keys"
+    asked: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        asked.append(url)
+        if url == issuer + "/.well-known/openid-configuration":
+            return httpx.Response(200, json={"issuer": issuer, "jwks_uri": jwks})
+        if url == jwks:
+            return httpx.Response(200, json={"keys": [k.as_dict(private=False) for k in keys]})
+        return httpx.Response(404)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle)), asked
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://bao.example:8200/v1/identity/oidc",
+        "http://10.0.0.5:8200/v1/identity/oidc",
+        "http://0.0.0.0:8200/v1/identity/oidc",
+        "http://127.0.0.1.nip.io/v1/identity/oidc",
+        "http://localhost.attacker.test/v1/identity/oidc",
+        "http://[fe80::1]:8200/v1/identity/oidc",
+        "ftp://bao.example/v1/identity/oidc",
+    ],
+)
+async def test_a_plain_http_issuer_off_loopback_is_refused_at_start_before_any_request(
+    rsa_key: RSAKey, url: str
+) -> None:
+    http, asked = issuer_at(url, [rsa_key])
+    async with http:
+        with pytest.raises(ConfigError) as info:
+            verifier = OIDCVerifier(url, AUDIENCE, http=http)
+            await verifier.start()
+    assert info.value.setting == "SECRETS_OIDC_ISSUER"
+    assert "https" in info.value.problem
+    assert asked == []  # nothing went out in clear text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8200/v1/identity/oidc",
+        "http://127.3.2.1:8200/v1/identity/oidc",
+        "http://localhost:8200/v1/identity/oidc",
+        "http://[::1]:8200/v1/identity/oidc",
+        "https://bao.example/v1/identity/oidc",
+        "https://10.0.0.5:8200/v1/identity/oidc",
+    ],
+)
+async def test_https_issuers_and_plain_http_on_loopback_are_accepted(
+    rsa_key: RSAKey, url: str
+) -> None:
+    http, _ = issuer_at(url, [rsa_key])
+    async with http:
+        verifier = OIDCVerifier(url, AUDIENCE, http=http, clock=Clock())
+        await verifier.start()
+        try:
+            token = sign(claims(iss=url), rsa_key)
+            assert (await verifier.verify(token)).subject == "entity-1234"
+        finally:
+            await verifier.aclose()
+
+
+async def test_a_plain_http_jwks_uri_off_loopback_is_refused_at_start(rsa_key: RSAKey) -> None:
+    http, asked = issuer_at(ISSUER, [rsa_key], jwks_uri="http://keys.example/jwks")
+    async with http:
+        verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http)
+        with pytest.raises(ConfigError) as info:
+            await verifier.start()
+    assert info.value.setting == "SECRETS_OIDC_ISSUER"
+    assert "http://keys.example/jwks" not in asked
+
+
 async def test_discovery_naming_another_issuer_is_a_config_error(
     issuer: FakeIssuer, http: httpx.AsyncClient
 ) -> None:
@@ -264,6 +364,7 @@ async def test_a_trailing_slash_on_the_issuer_is_stripped_for_discovery_only(
     issuer.advertised_issuer = ISSUER + "/"
     verifier = OIDCVerifier(ISSUER + "/", AUDIENCE, http=http)
     await verifier.start()
+    await verifier.aclose()
     assert str(issuer.requests[0]) == ISSUER + "/.well-known/openid-configuration"
 
 
@@ -333,10 +434,9 @@ async def test_null_roles_no_scope_and_no_client_give_empty_roles_and_no_scopes(
 
 
 async def test_roles_are_read_from_the_configured_claim(
-    http: httpx.AsyncClient, clock: Clock, rsa_key: RSAKey
+    make_verifier: MakeVerifier, rsa_key: RSAKey
 ) -> None:
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, roles_claim="groups", http=http, clock=clock)
-    await verifier.start()
+    verifier = await make_verifier(roles_claim="groups")
     principal = await verifier.verify(sign(claims(groups=["g1"]), rsa_key))
     assert principal.roles == frozenset({"g1"})
 
@@ -397,6 +497,13 @@ async def test_nbf_bounds_the_lifetime_when_iat_is_absent(
         ({"roles": {"admin": True}}, "invalid_claim"),
         ({"roles": ["admin", 1]}, "invalid_claim"),
         ({"scope": 7}, "invalid_claim"),
+        ({"scope": None}, "invalid_claim"),
+        ({"scope": DROP, "scp": None}, "invalid_claim"),
+        ({"scope": DROP, "scp": 5}, "invalid_claim"),
+        ({"scope": "secrets:read", "scp": None}, "invalid_claim"),
+        ({"scope": None, "scp": ["secrets:read"]}, "invalid_claim"),
+        ({"scope": ["secrets:read", None]}, "invalid_claim"),
+        ({"scope": {"secrets:read": True}}, "invalid_claim"),
         ({"azp": ["x"]}, "invalid_claim"),
     ],
 )
@@ -407,11 +514,33 @@ async def test_a_correctly_signed_token_with_bad_claims_is_refused_with_the_exac
 
 
 async def test_the_max_lifetime_is_configurable(
-    http: httpx.AsyncClient, clock: Clock, rsa_key: RSAKey
+    make_verifier: MakeVerifier, rsa_key: RSAKey
 ) -> None:
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, max_lifetime=60, http=http, clock=clock)
-    await verifier.start()
+    verifier = await make_verifier(max_lifetime=60)
     assert await rejection(verifier, sign(claims(), rsa_key)) == "lifetime_too_long"
+
+
+async def test_a_null_scope_is_refused_rather_than_switching_scope_narrowing_off(
+    verifier: OIDCVerifier, rsa_key: RSAKey
+) -> None:
+    # The attack: an admin token whose issuer meant to narrow it, with `scope` rendered as null.
+    for overrides in ({"scope": None}, {"scope": DROP, "scp": None}):
+        token = sign(claims(roles=["admin"], **overrides), rsa_key)
+        assert await rejection(verifier, token) == "invalid_claim"
+
+
+async def test_a_token_carrying_both_scope_and_scp_is_narrowed_by_both(
+    verifier: OIDCVerifier, rsa_key: RSAKey
+) -> None:
+    token = sign(claims(scope="secrets:read secrets:write", scp=["secrets:read", "x"]), rsa_key)
+    assert (await verifier.verify(token)).scopes == frozenset({"secrets:read"})
+
+
+async def test_an_empty_scope_narrows_to_nothing(verifier: OIDCVerifier, rsa_key: RSAKey) -> None:
+    empty: list[object] = ["", []]
+    for scope in empty:
+        principal = await verifier.verify(sign(claims(scope=scope, sub=f"s{scope!r}"), rsa_key))
+        assert principal.scopes == frozenset()
 
 
 async def test_a_token_with_our_key_and_kid_but_another_issuer_is_wrong_issuer(
@@ -450,10 +579,9 @@ async def test_any_algorithm_outside_the_list_is_a_bad_algorithm(
 
 
 async def test_an_allowed_algorithm_that_is_not_configured_is_a_bad_algorithm(
-    http: httpx.AsyncClient, clock: Clock, ec_key: ECKey
+    make_verifier: MakeVerifier, ec_key: ECKey
 ) -> None:
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, algorithms=["RS256"], http=http, clock=clock)
-    await verifier.start()
+    verifier = await make_verifier(algorithms=["RS256"])
     assert await rejection(verifier, sign(claims(), ec_key, "ES256")) == "bad_algorithm"
 
 
@@ -472,14 +600,13 @@ async def test_es384_naming_a_p256_key_is_a_bad_algorithm(
 
 
 async def test_symmetric_keys_in_the_jwks_are_never_used(
-    issuer: FakeIssuer, http: httpx.AsyncClient, clock: Clock
+    issuer: FakeIssuer, make_verifier: MakeVerifier
 ) -> None:
     secret = b"a shared secret of enough length"
     issuer.extra_jwks.append(
         OctKey.import_key(secret, {"kid": "sym"}).as_dict(private=True),
     )
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock)
-    await verifier.start()
+    verifier = await make_verifier()
     assert await rejection(verifier, hs256(claims(), secret, "sym")) == "bad_algorithm"
 
 
@@ -739,10 +866,9 @@ async def test_a_cached_token_is_not_verified_again_until_it_expires(
 
 
 async def test_the_cache_keeps_only_the_most_recently_used_tokens(
-    http: httpx.AsyncClient, clock: Clock, rsa_key: RSAKey, monkeypatch: pytest.MonkeyPatch
+    make_verifier: MakeVerifier, rsa_key: RSAKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock, cache_size=2)
-    await verifier.start()
+    verifier = await make_verifier(cache_size=2)
     checks = count_signature_checks(verifier, monkeypatch)
     a, b, c = (sign(claims(sub=name), rsa_key) for name in "abc")
     for token in (a, b, a, c):  # c evicts b, the least recently used
@@ -761,10 +887,9 @@ async def test_the_cache_holds_digests_not_tokens(verifier: OIDCVerifier, rsa_ke
 
 
 async def test_a_zero_cache_size_verifies_every_time(
-    http: httpx.AsyncClient, clock: Clock, rsa_key: RSAKey, monkeypatch: pytest.MonkeyPatch
+    make_verifier: MakeVerifier, rsa_key: RSAKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock, cache_size=0)
-    await verifier.start()
+    verifier = await make_verifier(cache_size=0)
     checks = count_signature_checks(verifier, monkeypatch)
     token = sign(claims(), rsa_key)
     await verifier.verify(token)

@@ -97,7 +97,7 @@ def test_an_event_from_another_instance_is_applied() -> None:
     bus = EventBus(["nats://unused"], "secrets", instance_id="me")
     handler = RecordingHandler()
     bus._handler = handler
-    bus._handle(event_encoder.encode(event("other", 7)))
+    bus._handle(event_encoder.encode(event("other", 7)), "secrets.changed.app.db%2Emain")
     assert handler.changes == [("app/db.main", 7)]
     assert bus.received == 1
 
@@ -106,7 +106,7 @@ def test_our_own_event_is_not_applied_again() -> None:
     bus = EventBus(["nats://unused"], "secrets", instance_id="me")
     handler = RecordingHandler()
     bus._handler = handler
-    bus._handle(event_encoder.encode(event("me")))
+    bus._handle(event_encoder.encode(event("me")), "secrets.changed.app.db%2Emain")
     assert handler.changes == []
 
 
@@ -125,8 +125,8 @@ def test_an_undecodable_event_is_dropped_and_counted(payload: bytes) -> None:
     bus = EventBus(["nats://unused"], "secrets", instance_id="me")
     handler = RecordingHandler()
     bus._handler = handler
-    bus._handle(payload)
-    assert handler.changes == [] and bus.decode_errors == 1
+    bus._handle(payload, "secrets.changed.app.db%2Emain")
+    assert handler.changes == [] and bus.dropped["undecodable"] == 1
 
 
 def test_the_event_payload_has_no_data_field() -> None:

@@ -123,12 +123,27 @@ def test_reading_an_entry_does_not_extend_its_ttl(cache: SecretCache, clock: Fak
     assert cached_version(cache) is None
 
 
-def test_pinned_versions_never_age(cache: SecretCache, clock: FakeClock) -> None:
+def test_a_pinned_version_older_than_the_ttl_is_not_served(
+    cache: SecretCache, clock: FakeClock
+) -> None:
+    # A version destroyed straight in Vault must not outlive SECRETS_CACHE_TTL in the cache.
     put(cache, version=1, pinned=True)
-    clock.advance(TTL * 100)
-    entry = cache.get("app/db", 1, max_age=0.001)
-    assert entry is not None
-    assert entry.secret.version == 1
+    clock.advance(TTL - 0.001)
+    assert cache.get("app/db", 1, TTL) is not None
+    clock.advance(0.001)
+    assert cache.get("app/db", 1, TTL) is None
+    assert len(cache) == 0, "an expired pinned entry is dropped, not kept"
+
+
+def test_a_pinned_version_older_than_max_age_is_not_served(
+    cache: SecretCache, clock: FakeClock
+) -> None:
+    # While the bus is down the manager asks for SECRETS_CACHE_FALLBACK_TTL: pinned ones too.
+    put(cache, version=1, pinned=True)
+    clock.advance(4.0)
+    assert cache.get("app/db", 1, max_age=5.0) is not None
+    clock.advance(1.0)
+    assert cache.get("app/db", 1, max_age=5.0) is None
 
 
 def test_a_pinned_version_is_separate_from_the_latest_entry(cache: SecretCache) -> None:

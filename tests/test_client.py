@@ -203,6 +203,19 @@ async def test_undecodable_and_unknown_event_types_do_not_stop_iteration(stream:
     assert (known.type, known.sequence) == ("secret.created", last)
 
 
+async def test_an_event_whose_path_is_not_its_subjects_is_skipped_and_counted(
+    stream: Stream,
+) -> None:
+    # Someone allowed to publish on app/other's subject claims a change to app/secret.
+    forged = await stream.publish_raw("app/other", event_encoder.encode(updated("app/secret", 9)))
+    real = await stream.publish("app/secret", 2)
+    async with stream.listener("app/**", start_sequence=forged) as changes:
+        (change,) = await take(changes, 1)
+        await assert_nothing_more(changes)
+    assert (change.path, change.version, change.sequence) == ("app/secret", 2, real)
+    assert changes.skipped == 1
+
+
 @pytest.mark.parametrize(
     ("pattern", "subject", "matching", "other"),
     [

@@ -48,8 +48,9 @@ class Svc:
         assert response.status_code == 200
 
     def audit_of(self, request_id: str) -> list[AuditRecord]:
+        """The records of the requests that sent `X-Request-ID: request_id`."""
         lines = self.audit.read_bytes().splitlines() if self.audit.exists() else []
-        return [r for r in map(audit_decoder.decode, lines) if r.request_id == request_id]
+        return [r for r in map(audit_decoder.decode, lines) if r.client_request_id == request_id]
 
     def log_of(self, request_id: str) -> dict[str, Any]:
         (line,) = [
@@ -137,12 +138,14 @@ async def test_a_cached_read_leaves_the_audit_record_log_line_and_metrics_of_a_r
     await eventually(lambda: all(len(svc.audit_of(i)) == 1 for i in ids), timeout=5)
     routed, cached = (svc.audit_of(i)[0] for i in ids)
     ignore = {"time", "request_id"}
+    assert routed.client_request_id == ids[0] and cached.client_request_id == ids[1]
+    ignore.add("client_request_id")
     assert {k: v for k, v in routed.__rich_repr__() if k not in ignore} == {
         k: v for k, v in cached.__rich_repr__() if k not in ignore
     }
     lines = [svc.log_of(i) for i in ids]
     for line in lines:
-        for key in ("time", "request_id", "duration_ms"):
+        for key in ("time", "request_id", "client_request_id", "duration_ms"):
             del line[key]
     assert lines[0] == lines[1]
     assert (lines[0]["op"], lines[0]["outcome"], lines[0]["version"]) == ("read", "ok", 1)

@@ -264,6 +264,63 @@ async def test_rolling_back_to_a_deleted_version_is_404_and_needs_write(stack: S
     assert bad.status_code == 400 and "to_version" in bad.json()["detail"]
 
 
+WRITE_ONLY_POLICY = """\
+[auth]
+roles_claim = "roles"
+
+[roles.app-writer]
+write = ["wo/**"]
+
+[roles.admin]
+read = ["**"]
+write = ["**"]
+"""
+
+
+async def test_rollback_without_read_is_403_and_never_tells_what_the_old_version_holds(
+    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+) -> None:
+    path = f"wo/l-{uuid.uuid4().hex[:10]}/db"
+    async with httpx.AsyncClient(base_url=openbao.addr, timeout=10) as vault:
+        # Version 1 holds a common password (written straight to OpenBao, before any rule).
+        headers = {"X-Vault-Token": openbao.root_token}
+        written = await vault.post(
+            f"/v1/secret/data/{path}", json={"data": {"password": "password"}}, headers=headers
+        )
+        assert written.status_code == 200
+    settings = service_settings(openbao, nats, oidc, write_policy(tmp_path, WRITE_ONLY_POLICY))
+    writer, admin = bearer(oidc.mint("writer")), bearer(oidc.mint("admin"))
+    async with running_service(settings) as svc:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
+            body = {"data": {"password": "Zq8#vT2!mL9$wR4p"}, "version": 1}
+            assert (await client.patch(f"/secrets/{path}", json=body, headers=writer)).is_success
+            assert (await client.get(f"/secrets/{path}", headers=writer)).status_code == 403
+
+            async def rollback(to_version: int, who: dict[str, str]) -> httpx.Response:
+                return await client.post(
+                    f"/secrets/{path}:rollback",
+                    json={"to_version": to_version, "version": 2},
+                    headers=who,
+                )
+
+            # The attack: a rollback to version 1 answered 422 naming the field and the rule
+            # `common_password`, telling a caller who may not read what version 1 holds.
+            to_common = await rollback(1, writer)
+            assert to_common.status_code == 403, to_common.text
+            assert "common_password" not in to_common.text
+            # The same answer whatever the old version holds, or whether it exists.
+            to_missing = await rollback(99, writer)
+            assert (to_missing.status_code, to_missing.content) == (403, to_common.content)
+            # A caller who may read and write still learns why the rollback is refused.
+            allowed = await rollback(1, admin)
+            assert allowed.status_code == 422
+            assert allowed.json()["violations"] == [
+                {"field": "password", "rule": "common_password"}
+            ]
+            current = await client.get(f"/secrets/{path}", headers=admin)
+            assert current.json()["version"] == 2
+
+
 # -- list --------------------------------------------------------------------------------------
 
 

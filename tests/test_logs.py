@@ -7,7 +7,9 @@ import logging
 import sys
 from typing import Any
 
-from service.logs import JsonFormatter, request_context
+import pytest
+
+from service.logs import JsonFormatter, redact_url, request_context
 from service.secret import Secret, SecretData
 
 CANARY = "canary-41aa-log-never-shows"
@@ -77,3 +79,19 @@ def test_an_exception_is_shown_by_its_type_never_its_message() -> None:
     out = formatted("failed", exc=True)
     assert out["exc_type"] == "ValueError"
     assert CANARY not in json.dumps(out)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://svc:pass@vault:8200/v1", "https://***@vault:8200/v1"),
+        ("nats://u:p@n1:4222,nats://n2:4222", "nats://***@n1:4222,nats://n2:4222"),
+        ("tls://token@n3", "tls://***@n3"),
+        ("user:pass@n4:4222", "***@n4:4222"),
+        ("https://a@b@vault/x", "https://***@vault/x"),
+        ("https://vault:8200", "https://vault:8200"),
+        ("https://vault/p@th?q=a@b#f@g", "https://vault/p@th?q=a@b#f@g"),  # no userinfo there
+    ],
+)
+def test_credentials_in_a_url_are_never_shown(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

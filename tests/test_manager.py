@@ -203,21 +203,60 @@ async def test_a_get_started_after_a_change_event_does_not_share_the_older_read(
     assert (await early).version == 2
 
 
-async def test_get_of_an_old_version_is_cached_pinned_and_never_ages(
+async def test_get_of_an_old_version_is_cached_pinned_within_the_ttl(
     vault: FakeVault, make: MakeManager
 ) -> None:
     vault.seed(PATH, ONE)
     vault.seed(PATH, TWO)
     clock = FakeClock()
-    manager = make(clock=clock)
+    manager = make(clock=clock, cache_ttl=300)
     old = await manager.get(PATH, version=1)
     assert old.version == 1
     assert old.data == ONE
-    clock.advance(10_000)
+    clock.advance(299)
     assert (await manager.get(PATH, version=1)).data == ONE
     assert vault.calls["read"] == 1
     latest = await manager.get(PATH)
     assert latest.version == 2, "a pinned version is not the latest entry"
+    assert vault.calls["read"] == 2
+
+
+async def test_a_pinned_version_older_than_the_ttl_is_read_again_from_vault(
+    vault: FakeVault, make: MakeManager
+) -> None:
+    # The attack: version 1 is destroyed straight in Vault; a cached copy must not be served
+    # past SECRETS_CACHE_TTL, however long ago it was pinned.
+    vault.seed(PATH, ONE)
+    vault.seed(PATH, TWO)
+    clock = FakeClock()
+    manager = make(clock=clock, cache_ttl=60)
+    assert (await manager.get(PATH, version=1)).data == ONE
+    await vault.destroy_versions(PATH, [1])
+    clock.advance(59)
+    assert (await manager.get(PATH, version=1)).data == ONE  # within the bound
+    assert vault.calls["read"] == 1
+    clock.advance(1)
+    with pytest.raises(NotFound):
+        await manager.get(PATH, version=1)
+    assert vault.calls["read"] == 2
+
+
+async def test_while_the_bus_is_down_pinned_versions_older_than_fallback_ttl_are_read_again(
+    vault: FakeVault, make: MakeManager
+) -> None:
+    vault.seed(PATH, ONE)
+    vault.seed(PATH, TWO)
+    clock = FakeClock()
+    manager = make(clock=clock, fallback_ttl=5.0, cache_ttl=300.0)
+    await manager.get(PATH, version=1)
+    manager.bus_down()
+    await vault.destroy_versions(PATH, [1])
+    clock.advance(4.0)
+    assert (await manager.get(PATH, version=1)).data == ONE
+    assert vault.calls["read"] == 1
+    clock.advance(1.0)
+    with pytest.raises(NotFound):
+        await manager.get(PATH, version=1)
     assert vault.calls["read"] == 2
 
 
@@ -628,8 +667,12 @@ async def test_listeners_hear_each_version_once_in_order_when_events_arrive_out_
 
 
 async def test_a_change_to_a_path_that_cannot_be_read_notifies_listeners_with_none(
-    make: MakeManager,
+    vault: FakeVault, make: MakeManager
 ) -> None:
+    # Vault holds version 3, deleted by the time the listeners' read runs.
+    for n in range(3):
+        vault.seed("app/gone", {"n": n})
+    await vault.delete_versions("app/gone", [3])
     manager = make()
     calls: list[Any] = []
 

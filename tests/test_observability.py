@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import nats as nats_py
 import pytest
+from joserfc.jwk import RSAKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from events.bus import AUDIT_STREAM, EventBus
+from events.bus import DROP_REASONS as EVENT_DROP_REASONS
 from schemas.audit import AuditRecord, audit_decoder
-from service.audit import AUDIT_OPS
+from service.audit import AUDIT_OPS, DROP_REASONS
 from service.auth import REASONS
 from service.devstack import DEV_POLICY_TOML, free_port
 from service.metrics import OPS, OUTCOMES, VAULT_ERRORS, VAULT_OPS
 from service.validation import RULES
-from tests.fakes import eventually
+from tests.fakes import FakeVault, eventually
 from tests.support import (
     LogCapture,
     bearer,
@@ -29,6 +34,8 @@ from tests.support import (
     service_settings,
     write_policy,
 )
+from tests.test_auth import sign
+from tests.test_hostile_tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +91,8 @@ class Svc:
         return [audit_decoder.decode(line) for line in self.audit_file.read_bytes().splitlines()]
 
     def audit_of(self, request_id: str) -> list[AuditRecord]:
-        return [r for r in self.audit_records() if r.request_id == request_id]
+        """The records of the requests that sent `X-Request-ID: request_id`."""
+        return [r for r in self.audit_records() if r.client_request_id == request_id]
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +227,10 @@ async def test_every_label_value_comes_from_a_closed_set(svc: Svc) -> None:
         "sink": frozenset({"stdout", "file", "nats"}),
         "result": frozenset({"written", "failed"}),
     }
+    dropped = {  # families whose `reason` is their own, not an authentication reason
+        "secrets_audit_dropped": frozenset(DROP_REASONS),
+        "secrets_events_dropped": frozenset(EVENT_DROP_REASONS),
+    }
     seen = 0
     for family in text_string_to_metric_families(await svc.metrics()):
         if not family.name.startswith("secrets_"):
@@ -231,6 +243,8 @@ async def test_every_label_value_comes_from_a_closed_set(svc: Svc) -> None:
                 if label == "op":
                     allowed = VAULT_OPS if "vault" in family.name else OPS
                     assert value in allowed, (family.name, value)
+                elif family.name in dropped:
+                    assert label == "reason" and value in dropped[family.name], value
                 else:
                     assert value in closed[label], (family.name, label, value)
     assert seen > 20
@@ -243,18 +257,63 @@ async def test_each_request_logs_one_json_line_with_every_field(svc: Svc) -> Non
     request_id = f"log-{uuid.uuid4().hex[:8]}"
     path = fresh()
     response = await svc.patch(path, {"k": "v"}, 0, **{"X-Request-ID": request_id})
-    assert response.headers["x-request-id"] == request_id
     lines = [json.loads(line) for line in svc.logs.lines() if request_id in line]
     request_lines = [line for line in lines if line["message"] == "request"]
     assert len(request_lines) == 1
     line = request_lines[0]
-    for key in ("time", "level", "logger", "message", "request_id", "actor", "path", "op",
-                "outcome", "status", "duration_ms", "version"):  # fmt: skip
+    for key in ("time", "level", "logger", "message", "request_id", "client_request_id", "actor",
+                "path", "op", "outcome", "status", "duration_ms", "version"):  # fmt: skip
         assert key in line, key
+    assert line["request_id"] == response.headers["x-request-id"]
+    assert line["client_request_id"] == request_id
     assert (line["path"], line["op"], line["outcome"], line["status"], line["version"]) == (
         path, "write", "ok", 200, 1,
     )  # fmt: skip
     assert isinstance(line["duration_ms"], float)
+
+
+async def test_a_caller_cannot_choose_the_request_id_its_requests_are_recorded_under(
+    svc: Svc,
+) -> None:
+    path = fresh()
+    victim = await svc.patch(path, {"k": "v"}, 0)
+    victim_id = victim.headers["x-request-id"]
+    # The attacker sends the victim's id on a write, a routed read (?version), two plain reads
+    # (the second answered from the caches, before routing), a 403 and a 401.
+    forged = {"X-Request-ID": victim_id}
+    answers = [
+        await svc.patch(path, {"k": "v2"}, 1, **forged),
+        await svc.client.get(
+            f"/secrets/{path}?version=1", headers={**bearer(svc.tokens["reader"]), **forged}
+        ),
+        await svc.get(path, headers=forged),
+        await svc.get(path, headers=forged),
+        await svc.get(fresh("ops"), headers=forged),
+        await svc.client.get(f"/secrets/{path}", headers=forged),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 200, 403, 401]
+    given = [a.headers["x-request-id"] for a in answers]
+    assert victim_id not in given and len(set(given)) == len(given)
+    await eventually(lambda: len(svc.audit_of(victim_id)) == len(answers), timeout=5)
+    # The victim's id names the victim's request alone; the attacker's are told apart from it.
+    (recorded,) = [r for r in svc.audit_records() if r.request_id == victim_id]
+    assert (recorded.op, recorded.version, recorded.client_request_id) == ("write", 1, None)
+    assert sorted(r.request_id for r in svc.audit_of(victim_id)) == sorted(given)
+    lines = [json.loads(line) for line in svc.logs.lines() if victim_id in line]
+    request_lines = [line for line in lines if line["message"] == "request"]
+    assert sorted(line["request_id"] for line in request_lines) == sorted([victim_id, *given])
+    assert sum(line.get("client_request_id") == victim_id for line in request_lines) == 6
+
+
+async def test_a_request_id_that_is_not_well_formed_is_not_recorded(svc: Svc) -> None:
+    path = fresh()
+    response = await svc.patch(path, {"k": "v"}, 0, **{"X-Request-ID": "has space"})
+    assert len(response.headers["x-request-id"]) == 32
+    await eventually(
+        lambda: any(r.request_id == response.headers["x-request-id"] for r in svc.audit_records())
+    )
+    (record,) = [r for r in svc.audit_records() if r.request_id == response.headers["x-request-id"]]
+    assert record.client_request_id is None
 
 
 # -- the audit trail -------------------------------------------------------------------------------
@@ -386,6 +445,99 @@ async def test_metrics_can_require_a_role(
             assert reader.status_code == 403
             admin = await client.get("/metrics", headers=bearer(oidc.mint("admin")))
             assert admin.status_code == 200 and "secrets_operations_total" in admin.text
+
+
+async def test_with_a_metrics_role_a_token_whose_scopes_leave_out_metrics_is_refused(
+    openbao: Any, nats: Any, tmp_path: Path
+) -> None:
+    key = RSAKey.generate_key(2048, parameters={"kid": "metrics-1"})
+    with LocalIssuer([key.as_dict(private=False)]) as issuer:
+        oidc = SimpleNamespace(issuer=issuer.url, audience="secrets-service")
+        settings = service_settings(
+            openbao, nats, oidc, write_policy(tmp_path), metrics_role="monitoring"
+        )
+
+        def token(**claims: Any) -> dict[str, str]:
+            now = time.time()
+            base = {"iss": issuer.url, "aud": "secrets-service", "sub": "prometheus", "iat": now,
+                    "exp": now + 300, "roles": ["monitoring"]}  # fmt: skip
+            return dict(bearer(sign({**base, **claims}, key)))
+
+        async with running_service(settings) as running:
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+
+                async def status(headers: dict[str, str]) -> int:
+                    return (await client.get("/metrics", headers=headers)).status_code
+
+                # The attack: the role, in a token narrowed to reading secrets.
+                assert await status(token(scope="secrets:read")) == 403
+                assert await status(token(scp=["secrets:read", "openid"])) == 403
+                # Scopes that include metrics, or no scope claim at all (not narrowed).
+                assert await status(token(scope="secrets:read secrets:metrics")) == 200
+                assert await status(token(scp=["secrets:metrics"])) == 200
+                assert await status(token()) == 200
+                # Scopes never widen: the scope without the role is still refused.
+                assert await status(token(roles=["app-reader"], scope="secrets:metrics")) == 403
+
+
+async def test_credentials_in_the_vault_address_never_reach_the_log(
+    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+) -> None:
+    host = openbao.addr.removeprefix("http://")
+    settings = service_settings(
+        openbao, nats, oidc, write_policy(tmp_path),
+        vault_addr=f"http://svc-user:vault-pass-canary@{host}",
+    )  # fmt: skip
+    with LogCapture() as logs:
+        async with running_service(settings, backend=FakeVault()):
+            pass
+    (ready,) = [json.loads(line) for line in logs.lines() if '"service ready"' in line]
+    assert ready["vault"] == f"http://***@{host}"
+    assert "vault-pass-canary" not in logs.text and "svc-user" not in logs.text
+
+
+class StalledAuditBus(EventBus):
+    """The real bus, except that audit records written in the background never finish
+    publishing (a NATS that stopped taking them): once `stalled` is set, the audit queue can
+    only grow."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stalled = asyncio.Event()
+
+    async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
+        if not acknowledged:
+            self.stalled.set()
+            await asyncio.Event().wait()  # until cancelled at shutdown
+        return await super().publish_audit(op, payload, acknowledged=acknowledged)
+
+
+async def test_a_flood_of_401s_cannot_make_audited_writes_refused(
+    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+) -> None:
+    settings = service_settings(openbao, nats, oidc, write_policy(tmp_path))
+    bus = StalledAuditBus(settings.nats_url, settings.nats_prefix, instance_id=settings.instance_id)
+    writer = bearer(oidc.mint("writer"))
+    path = fresh()
+    async with running_service(settings, bus=bus) as running:
+        audit = running.state.audit
+        audit.queue_size = 40  # 10,000 in production: the same flood, 250 times shorter
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+                assert (await client.get(f"/secrets/{path}")).status_code == 401
+                await asyncio.wait_for(bus.stalled.wait(), 10)  # its record's batch hangs
+                for _ in range(100):  # each record now stays queued
+                    assert (await client.get(f"/secrets/{path}")).status_code == 401
+                body = {"data": {"password": STRONG}, "version": 0}
+                write = await client.patch(f"/secrets/{path}", json=body, headers=writer)
+                assert write.status_code == 200, write.text
+                text = (await client.get("/metrics")).text
+        finally:
+            audit.timeout = 0.2  # the stalled batch is given up at shutdown without waiting
+    dropped = metric_value(text, "secrets_audit_dropped_total", reason="unauthenticated_flood")
+    assert dropped == 100 - 40 // 4
+    assert metric_value(text, "secrets_audit_dropped_total", reason="queue_full") == 0
+    assert metric_value(text, "secrets_audit_healthy") == 1
 
 
 async def _pause() -> None:

@@ -355,3 +355,21 @@ def test_a_wrong_metrics_port_names_the_setting(port: str) -> None:
 def test_the_metrics_port_must_differ_from_the_service_port() -> None:
     error = config_error(environ(port="9000", metrics_port="9000"))
     assert error.setting == "SECRETS_METRICS_PORT"
+
+
+def test_credentials_in_the_vault_and_nats_urls_never_print() -> None:
+    settings = Settings.from_environ(
+        environ(
+            vault_addr="https://svc-user:vault-pass-canary@vault.internal:8200",
+            nats_url="nats://nats-user:nats-pass-canary@n1:4222,nats://n2:4222,tls://tok-canary@n3",
+            oidc_issuer="https://oidc-user:oidc-pass-canary@issuer.example",
+        )
+    )
+    for shown in (repr(settings), str(settings), repr(dict(settings.__rich_repr__()))):
+        assert "canary" not in shown and "svc-user" not in shown and "nats-user" not in shown
+        assert "https://***@vault.internal:8200" in shown
+        assert "nats://***@n1:4222" in shown and "nats://n2:4222" in shown
+        assert "tls://***@n3" in shown and "https://***@issuer.example" in shown
+    # Only what is shown is redacted: the service still connects with the credentials.
+    assert settings.vault_addr == "https://svc-user:vault-pass-canary@vault.internal:8200"
+    assert settings.nats_url[0] == "nats://nats-user:nats-pass-canary@n1:4222"

@@ -1,0 +1,643 @@
+"""Forged bus messages: whoever can publish on the change subjects must not be able to stop an
+instance caching a path, silence its listeners, or make it flood Vault.
+
+The integration tests publish forged messages with a plain nats-py connection to a real
+nats-server, next to real instances (SecretsManager + EventBus) on a real OpenBao.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import nats as nats_client
+import pytest
+from prometheus_client import generate_latest
+
+from events.bus import EventBus
+from events.subjects import changed_subject
+from schemas.events import SecretDestroyed, SecretUpdated, event_encoder
+from service.devstack import NatsEndpoint, OpenBaoEndpoint
+from service.manager import SecretsManager
+from service.metrics import Metrics
+from service.secret import Secret, SecretData
+from service.vault import HvacBackend
+from tests.fakes import eventually
+from tests.support import metric_value, record_figures
+
+PREFIX = "secrets"
+SETTLE = 10.0  # seconds allowed for events and checks to land on this noisy machine
+
+
+class CountingVault:
+    """A real backend that counts the manager's calls; metadata reads can be held back."""
+
+    def __init__(self, inner: HvacBackend) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.hold: asyncio.Event | None = None
+
+    async def read(self, path: str, version: int | None = None) -> Secret:
+        self.calls["read"] += 1
+        return await self.inner.read(path, version)
+
+    async def write(self, path: str, data: Mapping[str, Any], cas: int) -> Secret:
+        self.calls["write"] += 1
+        return await self.inner.write(path, data, cas)
+
+    async def current_version(self, path: str) -> int:
+        self.calls["metadata"] += 1
+        await self._held()
+        return await self.inner.current_version(path)
+
+    async def read_metadata(self, path: str) -> Any:
+        self.calls["metadata"] += 1
+        await self._held()
+        return await self.inner.read_metadata(path)
+
+    async def _held(self) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Instance:
+    def __init__(self, manager: SecretsManager, bus: EventBus, vault: CountingVault) -> None:
+        self.manager = manager
+        self.bus = bus
+        self.vault = vault
+        self.metrics = Metrics()
+        self.metrics.bind(manager=manager, bus=bus)
+        self.heard: list[tuple[str, dict[str, Any] | None]] = []
+
+        async def listener(path: str, value: SecretData | None) -> None:
+            self.heard.append((path, None if value is None else dict(value.reveal())))
+
+        manager.add_listener("test", listener)
+
+    def dropped(self, reason: str) -> float:
+        text = generate_latest(self.metrics.registry).decode()
+        return metric_value(text, "secrets_events_dropped_total", reason=reason)
+
+    def settled(self) -> bool:
+        return self.manager.pending_checks == 0
+
+
+@contextlib.asynccontextmanager
+async def instance(
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, name: str, **options: Any
+) -> AsyncIterator[Instance]:
+    vault = CountingVault(HvacBackend(openbao.addr, token=openbao.root_token))
+    bus = EventBus([nats.url], PREFIX, instance_id=name)
+    manager = SecretsManager(vault, events=bus, instance_id=name, **options)  # type: ignore[arg-type]
+    try:
+        await bus.connect(manager)
+        yield Instance(manager, bus, vault)
+    finally:
+        await manager.aclose()
+        await bus.aclose()
+        await vault.inner.aclose()
+
+
+@contextlib.asynccontextmanager
+async def forger(nats: NatsEndpoint) -> AsyncIterator[Any]:
+    nc = await nats_client.connect(nats.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def forged(kind: type[Any] = SecretUpdated, **fields: Any) -> bytes:
+    values: dict[str, Any] = {
+        "event_id": uuid.uuid4().hex,
+        "actor": "mallory",
+        "instance_id": "forger",
+        "time": datetime.now(UTC).isoformat(),
+    }
+    values.update(fields)
+    return event_encoder.encode(kind(**values))
+
+
+def unique_path(tag: str) -> str:
+    return f"forged/{tag}-{uuid.uuid4().hex[:8]}/key"
+
+
+async def received(bus: EventBus, count: int) -> None:
+    await eventually(lambda: bus.received >= count, timeout=SETTLE)
+
+
+async def reads_for(inst: Instance, path: str, times: int, version: int | None = None) -> int:
+    """How many Vault reads `times` gets of `path` took."""
+    before = inst.vault.calls["read"]
+    for _ in range(times):
+        await inst.manager.get(path, version)
+    return inst.vault.calls["read"] - before
+
+
+@pytest.fixture
+async def pair(
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint
+) -> AsyncIterator[tuple[Instance, Instance]]:
+    tag = uuid.uuid4().hex[:6]
+    async with instance(openbao, nats, f"a-{tag}") as a, instance(openbao, nats, f"b-{tag}") as b:
+        yield a, b
+
+
+# -- through a real nats-server ------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_an_event_whose_payload_path_is_not_its_subjects_path_is_dropped_and_counted(
+    pair: tuple[Instance, Instance], nats: NatsEndpoint
+) -> None:
+    a, b = pair
+    path, other = unique_path("victim"), unique_path("other")
+    await a.manager.set(path, {"v": "1"}, 0)
+    await b.manager.get(path)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        # On another path's subject (which a publisher may be allowed), naming the victim.
+        await nc.publish(changed_subject(PREFIX, other), forged(path=path, version=7))
+        await nc.flush()
+    await received(b.bus, start + 1)
+    await eventually(b.settled, timeout=SETTLE)
+    assert b.manager.cached_document(path) is not None, "the victim's entry was evicted"
+    assert await reads_for(b, path, 3) == 0
+    assert b.dropped("subject_mismatch") == 1
+    assert b.vault.calls["metadata"] == 0, "a mismatched event costs no Vault read"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("version", "reason"), [(2**62, "out_of_range"), (1000, "beyond_vault")], ids=["2^62", "1000"]
+)
+@pytest.mark.integration
+async def test_a_forged_far_version_neither_stops_caching_nor_silences_listeners(
+    pair: tuple[Instance, Instance], nats: NatsEndpoint, version: int, reason: str
+) -> None:
+    a, b = pair
+    path = unique_path("far")
+    await a.manager.set(path, {"v": "1"}, 0)
+    await eventually(lambda: (path, {"v": "1"}) in b.heard, timeout=SETTLE)
+    await b.manager.get(path)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=version))
+        await nc.flush()
+    await received(b.bus, start + 1)
+    await eventually(b.settled, timeout=SETTLE)
+    # Evicted at most once (an eviction only costs a re-read), then cached again.
+    assert await reads_for(b, path, 4) <= 1
+    assert await reads_for(b, path, 4) == 0
+    assert b.dropped(reason) == 1
+    # A real write elsewhere still evicts here, and listeners hear of it.
+    await a.manager.set(path, {"v": "2"}, 1)
+    await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
+    assert (await b.manager.get(path)).data == {"v": "2"}
+    assert await reads_for(b, path, 3) == 0
+
+
+@pytest.mark.integration
+async def test_a_forged_next_version_is_rolled_back_and_the_real_one_is_still_heard(
+    pair: tuple[Instance, Instance], nats: NatsEndpoint
+) -> None:
+    # One above what this instance knows: the fast path applies it at once, then checks it.
+    a, b = pair
+    path = unique_path("next")
+    await a.manager.set(path, {"v": "1"}, 0)
+    await eventually(lambda: (path, {"v": "1"}) in b.heard, timeout=SETTLE)
+    await b.manager.get(path)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=2))
+        await nc.flush()
+    await received(b.bus, start + 1)
+    await eventually(b.settled, timeout=SETTLE)
+    assert await reads_for(b, path, 4) <= 1
+    assert await reads_for(b, path, 4) == 0
+    assert b.dropped("beyond_vault") == 1
+    await a.manager.set(path, {"v": "2"}, 1)
+    await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
+    assert (await b.manager.get(path)).data == {"v": "2"}
+
+
+@pytest.mark.integration
+async def test_a_forged_destroyed_event_for_a_live_version_does_not_stop_caching_it(
+    pair: tuple[Instance, Instance], nats: NatsEndpoint
+) -> None:
+    a, b = pair
+    path = unique_path("destroyed")
+    await a.manager.set(path, {"v": "1"}, 0)
+    await a.manager.set(path, {"v": "2"}, 1)
+    await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
+    await b.manager.get(path)
+    await b.manager.get(path, 1)
+    heard_before = list(b.heard)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        payload = forged(SecretDestroyed, path=path, version=2, versions=(1, 2))
+        await nc.publish(changed_subject(PREFIX, path), payload)
+        await nc.flush()
+    await received(b.bus, start + 1)
+    await eventually(b.settled, timeout=SETTLE)
+    for version in (None, 1):
+        assert await reads_for(b, path, 3, version) <= 1
+        assert await reads_for(b, path, 3, version) == 0, f"version {version} is not cached"
+    assert b.heard == heard_before, "listeners were told of a destruction that did not happen"
+    assert b.dropped("beyond_vault") == 1
+
+
+@pytest.mark.integration
+async def test_a_flood_of_forged_events_for_distinct_paths_makes_a_bounded_number_of_vault_calls(
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint
+) -> None:
+    flood = 10_000
+    tag = uuid.uuid4().hex[:6]
+    paths = [f"flood-{tag}/p{i}" for i in range(flood)]
+    async with instance(openbao, nats, f"b-{tag}") as b, forger(nats) as nc:
+        # One flooded path is real: it must stay cacheable after the flood.
+        real = paths[-1]
+        await b.manager.set(real, {"v": "1"}, 0)
+        b.vault.hold = asyncio.Event()  # Vault answers no metadata read until the flood is in
+        before = Counter(b.vault.calls)
+        start = b.bus.received
+        for i, path in enumerate(paths):
+            await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=5 + i))
+        await nc.flush()
+        await eventually(lambda: b.bus.received >= start + flood, timeout=60)
+        in_flight = b.vault.calls - before
+        b.vault.hold.set()
+        await eventually(b.settled, timeout=60)
+        await asyncio.sleep(0.2)  # listener reads started by settled checks
+        calls = sum((b.vault.calls - before).values())
+        limit = 2 * SecretsManager.VERIFY_QUEUE + SecretsManager.VERIFY_CONCURRENCY
+        record_figures(
+            "forged_flood",
+            events=flood,
+            metadata_in_flight=in_flight["metadata"],
+            vault_calls=calls,
+            overflowed=b.dropped("verify_overflow"),
+        )
+        assert in_flight["metadata"] <= SecretsManager.VERIFY_CONCURRENCY
+        assert calls <= limit, f"{calls} Vault calls for {flood} forged events"
+        assert b.dropped("verify_overflow") >= flood - SecretsManager.VERIFY_QUEUE
+        assert await reads_for(b, real, 4) <= 1
+        assert await reads_for(b, real, 4) == 0
+
+
+@pytest.mark.integration
+async def test_an_event_claiming_our_own_instance_id_changes_nothing_here(
+    pair: tuple[Instance, Instance], nats: NatsEndpoint
+) -> None:
+    a, b = pair
+    path = unique_path("own")
+    await a.manager.set(path, {"v": "1"}, 0)
+    await b.manager.get(path)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        spoofed = forged(path=path, version=2**40, instance_id=b.manager.instance_id)
+        await nc.publish(changed_subject(PREFIX, path), spoofed)
+        await nc.flush()
+    await received(b.bus, start + 1)
+    assert await reads_for(b, path, 3) == 0
+    await a.manager.set(path, {"v": "2"}, 1)
+    await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
+
+
+# -- the bus's own checks (no server) ------------------------------------------------------------
+
+VICTIM = "app/db.main"
+VICTIM_SUBJECT = "secrets.changed.app.db%2Emain"
+
+
+class RecordingHandler:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def apply_change(self, path: str, version: int) -> None:
+        self.calls.append(("change", (path, version)))
+
+    def apply_lifecycle(self, event: Any) -> None:
+        self.calls.append(("lifecycle", event))
+
+    def bus_down(self) -> None: ...
+
+    def bus_up(self, *, replayed: bool = False) -> None: ...
+
+
+def offline_bus() -> tuple[EventBus, RecordingHandler]:
+    bus = EventBus(["nats://unused"], PREFIX, instance_id="me")
+    handler = RecordingHandler()
+    bus._handler = handler
+    return bus, handler
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "secrets.changed.app.other",  # another path's subject
+        "secrets.changed.app.db.main",  # app/db/main: three segments, not app/db.main
+        "secrets.changed.app.db%2emain",  # a non-canonical escape
+        "other.changed.app.db%2Emain",  # another prefix
+        "secrets.audit.write",
+    ],
+)
+def test_an_event_on_a_subject_that_names_another_path_never_reaches_the_handler(
+    subject: str,
+) -> None:
+    bus, handler = offline_bus()
+    seen: list[Any] = []
+    bus.on_received = seen.append
+    bus._handle(forged(path=VICTIM, version=2), subject)
+    assert handler.calls == [] and seen == []
+    assert bus.dropped["subject_mismatch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        (SecretUpdated, {"version": 0}),
+        (SecretUpdated, {"version": 2**53 + 1}),
+        (SecretUpdated, {"version": 2**62}),
+        (SecretDestroyed, {"version": 2**53 + 1, "versions": (1,)}),
+        (SecretDestroyed, {"version": 3, "versions": (1, 2**53 + 1)}),
+        (SecretDestroyed, {"version": 3, "versions": tuple(range(1, 1002))}),
+        (SecretDestroyed, {"version": 3, "versions": (1,), "event_id": "e" * 100_000}),
+        (SecretUpdated, {"version": 2, "actor": "a" * 100_000}),
+    ],
+    ids=[
+        "v0",
+        "v2^53+1",
+        "v2^62",
+        "current-too-big",
+        "a-version-too-big",
+        "1001-versions",
+        "long-event-id",
+        "long-actor",
+    ],  # fmt: skip
+)
+def test_an_event_whose_numbers_are_out_of_range_is_dropped(
+    kind: type[Any], fields: dict[str, Any]
+) -> None:
+    bus, handler = offline_bus()
+    lags: list[float] = []
+    bus.lag_observer = lags.append
+    bus._handle(forged(kind, path=VICTIM, **fields), VICTIM_SUBJECT, live=True)
+    assert handler.calls == [] and lags == []
+    assert bus.dropped["out_of_range"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        (SecretUpdated, {"version": 2**53}),
+        (SecretDestroyed, {"version": 0, "versions": (1, 2)}),  # the history is gone
+        (SecretDestroyed, {"version": 3, "versions": tuple(range(1, 1001))}),
+    ],
+)
+def test_events_at_the_edges_of_the_ranges_are_handed_on(
+    kind: type[Any], fields: dict[str, Any]
+) -> None:
+    bus, handler = offline_bus()
+    bus._handle(forged(kind, path=VICTIM, **fields), VICTIM_SUBJECT)
+    assert len(handler.calls) == 1
+    assert sum(bus.dropped.values()) == 0
+
+
+def test_every_drop_reason_is_exported_from_a_closed_set_and_publish_failures_apart() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from events.bus import DROP_REASONS
+    from tests.fakes import FakeVault
+
+    bus, _ = offline_bus()
+    manager = SecretsManager(FakeVault(), events=bus)
+    metrics = Metrics()
+    metrics.bind(manager=manager, bus=bus)
+    bus._handle(b"not json", VICTIM_SUBJECT)
+    bus._handle(forged(path=VICTIM, version=2), "secrets.changed.elsewhere")
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    }
+    dropped = {s.labels["reason"]: s.value for s in families["secrets_events_dropped"].samples}
+    assert set(dropped) == set(DROP_REASONS)
+    assert dropped["undecodable"] == 1 and dropped["subject_mismatch"] == 1
+    failed = {s.labels["stage"] for s in families["secrets_events_failed"].samples}
+    assert failed == {"publish"}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://svc:s3cr3t@nats-1:4222", "nats://***@nats-1:4222"),
+        ("tls://s3cr3t@nats-1:4222", "tls://***@nats-1:4222"),  # a lone user name: a token
+        ("nats://svc:s3cr3t@[::1]:4222", "nats://***@[::1]:4222"),
+        ("nats://nats-1:4222", "nats://nats-1:4222"),
+    ],
+)
+def test_a_password_in_a_nats_url_never_shows_in_the_bus_repr(url: str, shown: str) -> None:
+    bus = EventBus([url], PREFIX, instance_id="me")
+    assert "s3cr3t" not in repr(bus)
+    assert shown in repr(bus)
+
+
+# -- the manager's checks against Vault (in-memory Vault) ------------------------------------------
+
+PATH = "app/db"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Any]:
+    from tests.fakes import FakeVault
+
+    vault = FakeVault()
+    managers: list[SecretsManager] = []
+
+    def build() -> SecretsManager:
+        manager = SecretsManager(vault)
+        managers.append(manager)
+        return manager
+
+    yield vault, build
+    for manager in managers:
+        await manager.aclose()
+
+
+def settled(manager: SecretsManager) -> bool:
+    return manager.pending_checks == 0
+
+
+async def test_a_jump_is_evicted_at_once_and_applied_once_vault_shows_it(fake: Any) -> None:
+    vault, build = fake
+    manager = build()
+    for n in (1, 2, 3):
+        vault.seed(PATH, {"n": n})
+    assert (await manager.get(PATH)).version == 3
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(None if v is None else v["n"]))
+    vault.seed(PATH, {"n": 4})  # its event was lost
+    vault.seed(PATH, {"n": 5})
+    manager.apply_change(PATH, 5)
+    assert manager.cached_document(PATH) is None, "not evicted before apply_change returned"
+    await eventually(lambda: settled(manager) and heard == [5])
+    assert (await manager.get(PATH)).version == 5
+    assert manager.events_dropped == {}
+
+
+async def test_claims_on_one_path_share_one_check(fake: Any) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    for version in range(10, 1010):
+        manager.apply_change(PATH, version)
+    assert manager.pending_checks == 1
+    await eventually(lambda: settled(manager))
+    assert vault.calls["current_version"] == 1
+    assert manager.events_dropped == {"beyond_vault": 1}
+
+
+async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Any) -> None:
+    vault, build = fake
+    manager = build()
+    extra = 300
+    for i in range(SecretsManager.VERIFY_QUEUE + extra):
+        manager.apply_change(f"app/flood-{i}", 7)
+    assert manager.pending_checks == SecretsManager.VERIFY_QUEUE
+    assert manager.events_dropped["verify_overflow"] == extra
+    await eventually(lambda: settled(manager), timeout=10)
+    assert vault.calls["current_version"] == SecretsManager.VERIFY_QUEUE
+    assert manager.events_dropped["beyond_vault"] == SecretsManager.VERIFY_QUEUE
+    assert not manager._known, "a refuted claim was kept"
+
+
+async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fake: Any) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    vault.fail_next()
+    manager.apply_change(PATH, 2)  # the next version: recorded at once, then checked
+    await eventually(lambda: settled(manager))
+    assert manager.events_dropped == {"unverified": 1}
+    reads = vault.calls["read"]
+    await manager.get(PATH)
+    await manager.get(PATH)
+    assert vault.calls["read"] == reads + 1, "the path is no longer cached"
+
+
+async def test_a_listeners_read_confirms_the_next_version_without_a_metadata_read(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(v["n"] if v else None))
+    vault.seed(PATH, {"n": 2})
+    manager.apply_change(PATH, 2)
+    await eventually(lambda: settled(manager) and heard == [2])
+    assert vault.calls["current_version"] == 0 and vault.calls["read_metadata"] == 0
+
+
+async def test_a_forged_destruction_of_versions_vault_has_not_reached_marks_nothing(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    event = SecretDestroyed(
+        event_id="e", path=PATH, version=5, versions=(2, 3, 4, 5), actor="m",
+        instance_id="forger", time="t",
+    )  # fmt: skip
+    manager.apply_lifecycle(event)
+    await eventually(lambda: settled(manager))
+    vault.seed(PATH, {"n": 2})  # version 2 now really exists
+    manager.apply_change(PATH, 2)
+    await eventually(lambda: settled(manager))
+    reads = vault.calls["read"]
+    assert (await manager.get(PATH)).version == 2
+    assert (await manager.get(PATH)).version == 2
+    assert vault.calls["read"] == reads + 1, "version 2 is never cached"
+    assert manager.events_dropped == {"beyond_vault": 1}
+
+
+async def test_a_forged_undelete_does_not_tell_listeners_a_deleted_version_is_back(
+    fake: Any,
+) -> None:
+    from schemas.events import SecretUndeleted
+
+    vault, build = fake
+    manager = build()
+    for n in (1, 2):
+        vault.seed(PATH, {"n": n})
+    await manager.delete(PATH, [2])
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(v))
+    event = SecretUndeleted(
+        event_id="u", path=PATH, version=2, versions=(2,), actor="m", instance_id="forger",
+        time="t",
+    )  # fmt: skip
+    manager.apply_lifecycle(event)
+    await eventually(lambda: settled(manager))
+    await asyncio.sleep(0.02)
+    assert heard == []
+    assert manager.events_dropped == {"beyond_vault": 1}
+
+
+async def test_forged_lifecycle_claims_on_a_path_cannot_crowd_out_a_real_deletion(
+    fake: Any,
+) -> None:
+    from schemas.events import SecretDeleted
+    from service.errors import NotFound
+
+    vault, build = fake
+    manager = build()
+    for n in (1, 2, 3):
+        vault.seed(PATH, {"n": n})
+    await manager.get(PATH, 1)
+    await manager.get(PATH, 2)
+    for i in range(40):
+        manager.apply_lifecycle(
+            SecretDestroyed(
+                event_id=f"forged-{i}",
+                path=PATH,
+                version=3,
+                versions=(1,),
+                actor="m",
+                instance_id="forger",
+                time="t",
+            )  # fmt: skip
+        )
+    await vault.delete_versions(PATH, [2])  # by another instance, which announces it
+    manager.apply_lifecycle(
+        SecretDeleted(
+            event_id="real",
+            path=PATH,
+            version=3,
+            versions=(2,),
+            actor="a",
+            instance_id="b",
+            time="t",
+        )  # fmt: skip
+    )
+    await eventually(lambda: settled(manager))
+    assert vault.calls["read_metadata"] == 1, "one check for all the claims on the path"
+    assert manager.events_dropped == {"beyond_vault": 1}
+    with pytest.raises(NotFound):
+        await manager.get(PATH, 2)
+    reads = vault.calls["read"]
+    await manager.get(PATH, 1)
+    await manager.get(PATH, 1)
+    assert vault.calls["read"] == reads + 1, "version 1 is still cached after one re-read"
