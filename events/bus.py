@@ -49,6 +49,7 @@ __all__ = [
     "ChangeHandler",
     "EventBus",
     "TlsFileError",
+    "check_credentials",
     "check_event",
     "describe_error",
     "ensure_stream",
@@ -166,7 +167,7 @@ class EventBus:
         self.credentials = credentials
         self.tls_hostname = tls_hostname
         if credentials is not None:
-            _check_credentials(credentials)
+            check_credentials(credentials)
         try:
             self._tls = tls_context(tls_ca, tls_cert, tls_key)
         except TlsFileError as exc:
@@ -507,7 +508,7 @@ def tls_context(
     return context
 
 
-def _check_credentials(path: str) -> None:
+def check_credentials(path: str) -> None:
     """Fail at start, naming the setting, rather than at every connection attempt."""
     if importlib.util.find_spec("nkeys") is None:
         raise ConfigError(

@@ -49,9 +49,17 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from events.bus import CHANGE_STREAM, describe_error, is_telling, redact_url, tls_context
+from events.bus import (
+    CHANGE_STREAM,
+    check_credentials,
+    describe_error,
+    is_telling,
+    redact_url,
+    tls_context,
+)
 from events.subjects import path_from_subject, pattern_subject
 from schemas.events import EVENT_TYPES, ChangeEvent, event_decoder
+from service.errors import ConfigError
 from service.policy import PathGlob
 
 __all__ = ["Change", "ChangeListener", "UnknownChange", "decode_change"]
@@ -183,6 +191,11 @@ class ChangeListener:
         self.connect_timeout = connect_timeout
         self.heartbeat = heartbeat
         self.name = name
+        if credentials is not None:
+            try:
+                check_credentials(credentials)
+            except ConfigError as exc:
+                raise ValueError(f"NATS credentials file: {exc.problem}") from None
         self.credentials = credentials
         self.tls_hostname = tls_hostname
         self._tls = tls_context(tls_ca, tls_cert, tls_key)

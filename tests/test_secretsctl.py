@@ -276,3 +276,36 @@ async def test_watch_with_nats_unreachable_exits_8(ctl: Ctl) -> None:
     unreachable = f"nats://127.0.0.1:{free_port()}"
     result = await ctl("watch", "--connect-timeout", "0.5", who=None, SECRETS_NATS_URL=unreachable)
     assert result.code == 8 and result.error["error"] == "unavailable"
+
+
+async def test_watch_takes_its_nats_credentials_and_tls_files_from_the_environment(
+    ctl: Ctl, tmp_path: Path
+) -> None:
+    # Each file is read before NATS is dialled: a bad one is named, so each variable is wired.
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    for variable, expected in (
+        ("SECRETS_NATS_TLS_CA", "CA bundle"),
+        ("SECRETS_NATS_CREDS", "credentials"),
+    ):
+        result = await ctl(
+            "watch",
+            "--connect-timeout",
+            "0.5",
+            who=None,
+            SECRETS_NATS_URL=ctl.nats_url,
+            **{variable: str(tmp_path / "missing.pem")},
+        )
+        assert result.code == 7, (variable, result)
+        assert expected in result.error["detail"], (variable, result.error)
+    result = await ctl(
+        "watch",
+        "--connect-timeout",
+        "0.5",
+        who=None,
+        SECRETS_NATS_URL=ctl.nats_url,
+        SECRETS_NATS_TLS_CERT=str(garbage),
+        SECRETS_NATS_TLS_KEY=str(garbage),
+    )
+    assert result.code == 7, result
+    assert "certificate" in result.error["detail"].lower(), result.error
