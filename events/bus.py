@@ -51,6 +51,7 @@ __all__ = [
     "TlsFileError",
     "check_credentials",
     "check_event",
+    "connect_options",
     "describe_error",
     "ensure_stream",
     "is_telling",
@@ -203,13 +204,7 @@ class EventBus:
 
     async def connect(self, handler: ChangeHandler, *, connect_timeout: float = 5.0) -> None:
         self._handler = handler
-        options: dict[str, Any] = {}
-        if self.credentials is not None:
-            options["user_credentials"] = self.credentials
-        if self._tls is not None:
-            options["tls"] = self._tls
-        if self.tls_hostname is not None:
-            options["tls_hostname"] = self.tls_hostname
+        options = connect_options(self.credentials, self._tls, self.tls_hostname)
         nc = NATS()
         try:
             # Bounded here: with endless reconnects, nats-py retries a first connection forever
@@ -506,6 +501,20 @@ def tls_context(
                 "cert", f"certificate and key do not load as a pair ({type(exc).__name__})"
             ) from None
     return context
+
+
+def connect_options(
+    credentials: str | None, tls: ssl.SSLContext | None, tls_hostname: str | None
+) -> dict[str, Any]:
+    """The keyword arguments of `nats.connect` for a credentials file and TLS, where given."""
+    options: dict[str, Any] = {}
+    if credentials is not None:
+        options["user_credentials"] = credentials
+    if tls is not None:
+        options["tls"] = tls
+    if tls_hostname is not None:
+        options["tls_hostname"] = tls_hostname
+    return options
 
 
 def check_credentials(path: str) -> None:

@@ -38,7 +38,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -52,6 +52,7 @@ from nats.js.errors import NotFoundError
 from events.bus import (
     CHANGE_STREAM,
     check_credentials,
+    connect_options,
     describe_error,
     is_telling,
     redact_url,
@@ -248,13 +249,7 @@ class ChangeListener:
         await self.aclose()
 
     async def _open(self, nc: NATS) -> None:
-        options: dict[str, Any] = {}
-        if self.credentials is not None:
-            options["user_credentials"] = self.credentials
-        if self._tls is not None:
-            options["tls"] = self._tls
-        if self.tls_hostname is not None:
-            options["tls_hostname"] = self.tls_hostname
+        options = connect_options(self.credentials, self._tls, self.tls_hostname)
         await nc.connect(
             servers=self.servers,
             name=self.name,
