@@ -900,9 +900,11 @@ async def test_a_zero_cache_size_verifies_every_time(
 async def test_cached_answers_only_for_a_token_verified_before_and_not_expired(
     verifier: OIDCVerifier, clock: Clock, rsa_key: RSAKey, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="secrets.auth")  # else INFO lines go unseen
     token = sign(claims(), rsa_key)
     assert verifier.cached(token) is None  # never verified: the caller verifies
     principal = await verifier.verify(token)
+    caplog.clear()  # `verify` logs the keys it loaded; `cached` must log nothing at all
     assert verifier.cached(token) is principal
     assert verifier.cached(token + "x") is None
     assert verifier.cached("é" + token) is None  # not ASCII: never a token

@@ -35,7 +35,7 @@ def own_public_members(module: types.ModuleType) -> list[str]:
 
 @pytest.mark.parametrize("module", PACKAGES, ids=lambda m: m.__name__)
 def test_all_is_a_sorted_list_without_duplicates(module: types.ModuleType) -> None:
-    exported = getattr(module, "__all__", [])
+    exported = module.__all__  # every package declares its surface
     assert isinstance(exported, list)
     assert all(isinstance(name, str) for name in exported)
     assert exported == sorted(exported)
@@ -44,13 +44,13 @@ def test_all_is_a_sorted_list_without_duplicates(module: types.ModuleType) -> No
 
 @pytest.mark.parametrize("module", PACKAGES, ids=lambda m: m.__name__)
 def test_every_exported_name_exists_on_the_package(module: types.ModuleType) -> None:
-    missing = [name for name in getattr(module, "__all__", []) if not hasattr(module, name)]
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert missing == []
 
 
 @pytest.mark.parametrize("module", PACKAGES, ids=lambda m: m.__name__)
 def test_every_public_name_of_the_package_is_exported(module: types.ModuleType) -> None:
-    unexported = set(own_public_members(module)) - set(getattr(module, "__all__", []))
+    unexported = set(own_public_members(module)) - set(module.__all__)
     assert unexported == set()
 
 
@@ -59,8 +59,7 @@ def test_star_import_gives_exactly_the_exported_names() -> None:
         namespace: dict[str, object] = {}
         exec(f"from {module.__name__} import *", namespace)
         namespace.pop("__builtins__", None)
-        if hasattr(module, "__all__"):
-            assert sorted(namespace) == sorted(module.__all__)
+        assert sorted(namespace) == sorted(module.__all__)
 
 
 def test_the_in_process_api_is_exported_from_service() -> None:

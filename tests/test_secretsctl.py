@@ -256,7 +256,11 @@ async def test_watch_prints_one_json_line_per_change(ctl: Ctl) -> None:
         assert ready["watching"] == f"{base}/**"
         path = f"{base}/db"
         await ctl("put", path, "--version", "0", stdin='{"k": "v"}')
-        await ctl("put", f"app/elsewhere-{uuid.uuid4().hex[:6]}", "--version", "0", stdin="{}")
+        # A change outside the pattern, accepted, that the watch must leave out.
+        elsewhere = await ctl(
+            "put", f"app/elsewhere-{uuid.uuid4().hex[:6]}", "--version", "0", stdin='{"k": "v"}'
+        )
+        assert elsewhere.code == 0, elsewhere
         await ctl("delete", path)
         lines = [await asyncio.wait_for(proc.stdout.readline(), 10) for _ in range(2)]
     finally:
