@@ -58,14 +58,12 @@ class EventSink(Protocol):
 
 
 class _Claims:
-    """What events claim about one path, waiting for Vault to confirm it."""
+    """What events claim about one path, waiting for a check against Vault (see _verify)."""
 
-    __slots__ = ("before", "events", "provisional", "version")
+    __slots__ = ("events", "version")
 
     def __init__(self) -> None:
         self.version = 0  # the highest version change events claim (0: none)
-        self.provisional = 0  # the version recorded before the check confirms it (0: none)
-        self.before = 0  # what `_known` held before that, restored if Vault does not hold it
         # kind -> the lifecycle claims of that kind, merged: Vault's state at the check decides.
         self.events: dict[type[LifecycleEvent], LifecycleEvent] = {}
 
@@ -88,6 +86,9 @@ class _Claims:
 class SecretsManager:
     VERIFY_CONCURRENCY = 8  # Vault checks of what events claim, in flight at once
     VERIFY_QUEUE = 1024  # paths with claims waiting for a check; beyond, events only evict
+    # Paths whose newest known version only an event vouches for; beyond, the oldest such path
+    # is forgotten (about 150 bytes each, plus the path).
+    UNCONFIRMED_MAX = 10_000
 
     def __init__(
         self,
@@ -117,10 +118,13 @@ class SecretsManager:
         # path -> the newest version this instance knows exists (its own writes and events).
         # Nothing older is ever cached or returned from a fresh read.
         self._known: OrderedDict[str, int] = OrderedDict()
+        # path -> the newest version Vault confirmed, for each path whose `_known` version only
+        # an event vouches for so far (see apply_change); restored if Vault does not hold it.
+        self._unconfirmed: OrderedDict[str, int] = OrderedDict()
         # path -> versions known deleted or destroyed: never cached, whatever read lands late.
         self._gone: OrderedDict[str, set[int]] = OrderedDict()
         self._seen_lifecycle: OrderedDict[str, None] = OrderedDict()
-        # path -> what events claim about it, until Vault confirms it (see apply_change).
+        # path -> what events claim about it, while a check against Vault is on its way.
         self._claims: dict[str, _Claims] = {}
         self._verify_gate = asyncio.Semaphore(self.VERIFY_CONCURRENCY)
         self.events_dropped: dict[str, int] = {}  # reason -> events Vault did not confirm
@@ -194,6 +198,14 @@ class SecretsManager:
 
     async def _fetch(self, path: str) -> Secret:
         secret = await self.backend.read(path)
+        if (
+            secret.version < self._known.get(path, 0)
+            and path in self._unconfirmed
+            and path not in self._claims
+        ):
+            # Only an event vouches for the newer version, and no check is on its way: ask
+            # Vault now, the one time the claim matters (see apply_change).
+            await self._confirm(path)
         for _ in range(_REREADS):
             if secret.version >= self._known.get(path, 0):
                 break
@@ -206,7 +218,10 @@ class SecretsManager:
         # A write or read that finishes after a newer version's event must not cache the older,
         # nor one that finishes after its version was deleted.
         path, version = secret.path, secret.version
-        if version >= self._known.get(path, 0) and version not in self._gone.get(path, ()):
+        if version < self._known.get(path, 0):
+            return
+        self._unconfirmed.pop(path, None)  # Vault shows that version or a newer: confirmed
+        if version not in self._gone.get(path, ()):
             self.cache.put(*_compact(secret))
 
     # -- writes --------------------------------------------------------------------------
@@ -357,38 +372,51 @@ class SecretsManager:
         """Another instance (or Vault directly) says it made `version` of `path`: evict now,
         then tell listeners once Vault confirms it.
 
-        The claim comes off the bus, where whoever may publish can forge one, so it never
-        moves what this instance believes past what Vault holds. Evicting is safe whatever the
-        claim (it costs one re-read) and happens before this returns; then:
+        The claim comes off the bus, where whoever may publish can forge one, so what it says
+        counts only as far as Vault confirms it. Evicting is safe whatever the claim (it costs
+        one re-read) and happens before this returns; then:
 
         - a version the cache holds already (it came from Vault) is applied at once;
-        - the next version after the newest known here, or any version of a path this instance
-          knows nothing of, is the common case: recorded at once, so that a read or write in
-          flight cannot cache an older version, and checked against Vault in the background,
-          which takes it back if Vault does not hold it;
-        - a jump past that (a missed event causes one, and so does a forger) is recorded only
-          once Vault shows it.
+        - the next version after the newest known here (and the next after that, and so on),
+          or any version of a path this instance knows nothing of, is the common case. It is
+          recorded at once, unconfirmed, so that a read or write in flight cannot cache an
+          older version, and Vault is not asked: the next read or write that shows it (or a
+          newer one) confirms it at no cost. Only a read that Vault answers with an older
+          version asks Vault's metadata, once (a real write that the read raced, or a forgery,
+          which is then taken back: the read is cached and the claim counted `beyond_vault`).
+          With listeners registered it is checked at once instead: they need the new value
+          anyway, and the read that fetches it confirms the version;
+        - a jump past that (a missed event causes one, and so does a forger) is recorded, and
+          told to listeners, only once a check against Vault shows it.
 
-        The checks are bounded (`VERIFY_QUEUE` paths waiting, `VERIFY_CONCURRENCY` at once,
-        one per path, claims merged); a claim beyond them only evicts. Listeners hear each
-        version at most once and never an older after a newer: events from several instances
-        may arrive out of order, and a version already superseded when its event (or read)
-        lands is not told again.
+        So a change event costs no Vault call by itself unless it jumps or listeners are
+        registered. The unconfirmed versions of at most `UNCONFIRMED_MAX` paths are kept (the
+        oldest beyond that is forgotten, as if its event had only evicted); the checks are
+        bounded (`VERIFY_QUEUE` paths waiting, `VERIFY_CONCURRENCY` at once, one per path,
+        claims merged), and a claim beyond them is not checked. Listeners hear each version at
+        most once and never an older after a newer: events from several instances may arrive
+        out of order, and a version already superseded when its event (or read) lands is not
+        told again.
         """
         held = self._held_version(path)
         self.cache.invalidate(path, version)
         known = self._known.get(path, 0)
         if version <= known:
-            return  # a duplicate, a replay or a late event: nothing newer
+            # A duplicate, a replay or a late event: nothing newer. But if only an event
+            # vouches for the version known, and listeners came since, check it for them.
+            if self._listeners and path in self._unconfirmed:
+                self._check(path, version)
+            return
         if version <= held:
             self._apply_confirmed(path, version)  # Vault gave us this version already
             return
-        claims = self._claims.get(path)
-        # While one unconfirmed version stands, anything newer is a jump: forged "next"
-        # versions cannot climb one by one.
         base = max(known, held)
-        fast = (claims is None or not claims.provisional) and (base == 0 or version == base + 1)
-        self._claim(path, version, provisional=fast)
+        if base and version > base + 1:
+            self._check(path, version)  # a jump: recorded only once Vault shows it
+            return
+        self._believe(path, version)
+        if self._listeners:
+            self._check(path, version)
 
     def _apply_confirmed(self, path: str, version: int) -> None:
         newest = self._advance(path, version)
@@ -476,22 +504,41 @@ class SecretsManager:
             self._heard.popitem(last=False)
         return True
 
-    def _advance(self, path: str, version: int) -> bool:
-        """Record that `version` of `path` exists; True if it is newer than any known before.
+    def _advance(self, path: str, version: int, *, confirmed: bool = True) -> bool:
+        """Record that `version` of `path` exists; True if it is newer than any known before,
+        or than any Vault confirmed, when `confirmed` (a write, read or check showed it).
 
         Replayed and duplicated events are not newer, so listeners hear of each change once.
         """
-        if version <= self._known.get(path, 0):
+        known = self._known.get(path, 0)
+        if confirmed and version >= known and path in self._unconfirmed:
+            del self._unconfirmed[path]  # what events claimed, up to this version, is true
+            if version == known:
+                return True  # only an event vouched for it: news to what Vault confirmed
+        if version <= known:
             return False
         self._known[path] = version
         self._known.move_to_end(path)
         if len(self._known) > _KNOWN_MAX:
-            self._known.popitem(last=False)
+            oldest, _ = self._known.popitem(last=False)
+            self._unconfirmed.pop(oldest, None)
         # New readers must not join a read that may predate this version.
         self._flights.pop(path, None)
         return True
 
     # -- checking what events claim -----------------------------------------------------------
+    #
+    # A version a change event claims goes through these states on this instance:
+    #
+    # - unconfirmed (`_believe`: the next version, or any of a path unknown here): `_known`
+    #   holds it, `_unconfirmed` the version Vault last confirmed, and no Vault call is made.
+    #   A write, read or check that shows that version or a newer confirms it (`_advance`,
+    #   `_cache_latest`); a read that gets an older one asks Vault once (`_confirm`); a check
+    #   of the path (`_settle`, `check_versions`) settles it too (`_judge`: confirmed, or taken
+    #   back to what Vault holds). Beyond UNCONFIRMED_MAX paths, the oldest is forgotten.
+    # - checking (`_check`): `_claims` holds it while `_verify` runs; for jumps (recorded only
+    #   once confirmed), lifecycle events, and every claim while listeners are registered.
+    # - afterwards: an ordinary `_known` version if confirmed, nothing if refuted.
 
     @property
     def pending_checks(self) -> int:
@@ -503,20 +550,61 @@ class SecretsManager:
         entry = self.cache.get(path, None, math.inf, count=False)
         return 0 if entry is None else entry.secret.version
 
-    def _claim(self, path: str, version: int, *, provisional: bool) -> None:
-        claims = self._claims_for(path)
-        if claims is None:
-            # Not checked, so not recorded: new readers must not join a read that may
-            # predate the change, if it is real.
-            self._flights.pop(path, None)
-            return
-        claims.version = max(claims.version, version)
-        if provisional:
-            claims.before = self._known.get(path, 0)
-            claims.provisional = version
-            self._advance(path, version)
+    def _believe(self, path: str, version: int) -> None:
+        """Record `version` of `path` before Vault confirms it: unconfirmed (see above)."""
+        if path in self._unconfirmed:
+            self._unconfirmed.move_to_end(path)  # a newer claim: the confirmed one stays
         else:
-            self._flights.pop(path, None)
+            self._unconfirmed[path] = self._known.get(path, 0)
+            if len(self._unconfirmed) > self.UNCONFIRMED_MAX:
+                # Forgotten, as if its event had only evicted: this many claims later, a read
+                # in flight since is unlikely, and no unconfirmed version outlives the bound.
+                oldest, _ = self._unconfirmed.popitem(last=False)
+                del self._known[oldest]
+        self._advance(path, version, confirmed=False)
+
+    async def _confirm(self, path: str) -> None:
+        """Ask Vault whether it holds the unconfirmed version of `path` (a read found older)."""
+        claimed = self._known.get(path, 0)
+        try:
+            current = await self.backend.current_version(path)
+        except SecretsError as exc:
+            # Still unconfirmed: this read is not cached, the next one asks again.
+            log.warning(
+                "could not check a change event against Vault",
+                extra={"path": path, "error_type": type(exc).__name__},
+            )
+            self._drop("unverified")
+            return
+        if self._judge(path, claimed, current):
+            self._drop("beyond_vault")
+
+    def _judge(self, path: str, claimed: int, current: int) -> bool:
+        """Vault's current version of `path` is `current`, asked while `_known` held `claimed`:
+        confirm the unconfirmed version of `path`, or take it back; True if taken back."""
+        before = self._unconfirmed.get(path)
+        if before is None:
+            return False  # confirmed already, or nothing unconfirmed
+        if self._known[path] <= current:
+            del self._unconfirmed[path]
+            return False
+        if self._known[path] != claimed:
+            return False  # a newer claim came while Vault answered: judged the next time
+        del self._unconfirmed[path]
+        restored = max(before, current)
+        if restored:
+            self._known[path] = restored
+        else:
+            del self._known[path]
+        return True
+
+    def _check(self, path: str, version: int) -> None:
+        """Have Vault checked for the change claim `version` of `path`, in the background."""
+        # New readers must not join a read that may predate the change, if it is real.
+        self._flights.pop(path, None)
+        claims = self._claims_for(path)
+        if claims is not None:
+            claims.version = max(claims.version, version)
 
     def _claims_for(self, path: str) -> _Claims | None:
         """The pending claims of `path`, with a check on its way; None (counted) when full."""
@@ -536,31 +624,22 @@ class SecretsManager:
                 while claims.version or claims.events:
                     version, claims.version = claims.version, 0
                     events, claims.events = list(claims.events.values()), {}
-                    provisional, before = claims.provisional, claims.before
                     try:
-                        await self._settle(path, version, provisional, before, events)
+                        await self._settle(path, version, events)
                     except SecretsError as exc:
-                        # Not confirmed, so not applied: the eviction stands, nothing else.
+                        # Not confirmed, so not applied: the eviction stands, and an unconfirmed
+                        # version stays so, for the next read (or check) to judge.
                         log.warning(
                             "could not check a change event against Vault",
                             extra={"path": path, "error_type": type(exc).__name__},
                         )
                         self._drop("unverified")
-                        self._take_back(path, provisional, before, 0)
-                    if claims.provisional == provisional:
-                        claims.provisional = 0
         finally:
             if self._claims.get(path) is claims:
                 del self._claims[path]
 
-    async def _settle(
-        self,
-        path: str,
-        version: int,
-        provisional: int,
-        before: int,
-        events: list[LifecycleEvent],
-    ) -> None:
+    async def _settle(self, path: str, version: int, events: list[LifecycleEvent]) -> None:
+        claimed = self._known.get(path, 0)
         secret: Secret | None = None
         meta: SecretMetadata | None = None
         if events:
@@ -581,24 +660,16 @@ class SecretsManager:
                 current = await self.backend.current_version(path)
         else:
             current = await self.backend.current_version(path)
+        refuted = self._judge(path, claimed, current)  # a version recorded unconfirmed
+        if refuted or version > current:
+            self._drop("beyond_vault")
         if version:
-            self._settle_change(path, version, provisional, before, current, secret)
+            self._settle_change(path, version, current, secret)
         for event in events:
             self._settle_lifecycle(event, meta)
 
-    def _settle_change(
-        self,
-        path: str,
-        version: int,
-        provisional: int,
-        before: int,
-        current: int,
-        secret: Secret | None,
-    ) -> None:
+    def _settle_change(self, path: str, version: int, current: int, secret: Secret | None) -> None:
         """Vault's current version of `path` is `current`: apply what it confirms of `version`."""
-        if version > current:
-            self._drop("beyond_vault")
-            self._take_back(path, provisional, before, current)
         confirmed = min(version, current)
         if confirmed <= 0:
             return
@@ -611,16 +682,6 @@ class SecretsManager:
                 self._notify(path, secret.data)
         else:
             self._spawn(self._read_and_notify(path))
-
-    def _take_back(self, path: str, provisional: int, before: int, current: int) -> None:
-        """Undo a version recorded before Vault confirmed it, unless it moved on since."""
-        if provisional <= current or self._known.get(path) != provisional:
-            return
-        restored = max(before, current)
-        if restored:
-            self._known[path] = restored
-        else:
-            del self._known[path]
 
     def _settle_lifecycle(self, event: LifecycleEvent, meta: SecretMetadata | None) -> None:
         """Apply what Vault's metadata confirms of a lifecycle event; drop the rest."""
@@ -672,6 +733,7 @@ class SecretsManager:
         async def check(path: str, held: set[int]) -> None:
             meta: SecretMetadata | None
             async with gate:
+                claimed = self._known.get(path, 0)
                 try:
                     meta = await self.backend.read_metadata(path)
                 except NotFound:
@@ -679,6 +741,8 @@ class SecretsManager:
                 except SecretsError:
                     return  # Vault trouble: the next round tries again, the TTL still bounds
             current = 0 if meta is None else meta.current_version
+            if self._judge(path, claimed, current):  # free, for a version recorded unconfirmed
+                self._drop("beyond_vault")
             cached = latest.get(path)
             if cached is not None and current > cached:
                 found.append((path, current))

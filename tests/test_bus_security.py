@@ -23,6 +23,7 @@ from events.bus import EventBus
 from events.subjects import changed_subject
 from schemas.events import SecretDestroyed, SecretUpdated, event_encoder
 from service.devstack import NatsEndpoint, OpenBaoEndpoint
+from service.errors import VaultUnavailable
 from service.manager import SecretsManager
 from service.metrics import Metrics
 from service.secret import Secret, SecretData
@@ -69,7 +70,9 @@ class CountingVault:
 
 
 class Instance:
-    def __init__(self, manager: SecretsManager, bus: EventBus, vault: CountingVault) -> None:
+    def __init__(
+        self, manager: SecretsManager, bus: EventBus, vault: CountingVault, *, listen: bool = True
+    ) -> None:
         self.manager = manager
         self.bus = bus
         self.vault = vault
@@ -80,7 +83,8 @@ class Instance:
         async def listener(path: str, value: SecretData | None) -> None:
             self.heard.append((path, None if value is None else dict(value.reveal())))
 
-        manager.add_listener("test", listener)
+        if listen:
+            manager.add_listener("test", listener)
 
     def dropped(self, reason: str) -> float:
         text = generate_latest(self.metrics.registry).decode()
@@ -92,14 +96,19 @@ class Instance:
 
 @contextlib.asynccontextmanager
 async def instance(
-    openbao: OpenBaoEndpoint, nats: NatsEndpoint, name: str, **options: Any
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    name: str,
+    *,
+    listen: bool = True,
+    **options: Any,
 ) -> AsyncIterator[Instance]:
     vault = CountingVault(HvacBackend(openbao.addr, token=openbao.root_token))
     bus = EventBus([nats.url], PREFIX, instance_id=name)
     manager = SecretsManager(vault, events=bus, instance_id=name, **options)  # type: ignore[arg-type]
     try:
         await bus.connect(manager)
-        yield Instance(manager, bus, vault)
+        yield Instance(manager, bus, vault, listen=listen)
     finally:
         await manager.aclose()
         await bus.aclose()
@@ -148,6 +157,19 @@ async def pair(
 ) -> AsyncIterator[tuple[Instance, Instance]]:
     tag = uuid.uuid4().hex[:6]
     async with instance(openbao, nats, f"a-{tag}") as a, instance(openbao, nats, f"b-{tag}") as b:
+        yield a, b
+
+
+@pytest.fixture
+async def quiet_pair(
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint
+) -> AsyncIterator[tuple[Instance, Instance]]:
+    """Two instances; the second has no in-process listener."""
+    tag = uuid.uuid4().hex[:6]
+    async with (
+        instance(openbao, nats, f"a-{tag}") as a,
+        instance(openbao, nats, f"b-{tag}", listen=False) as b,
+    ):
         yield a, b
 
 
@@ -310,6 +332,61 @@ async def test_an_event_claiming_our_own_instance_id_changes_nothing_here(
     assert await reads_for(b, path, 3) == 0
     await a.manager.set(path, {"v": "2"}, 1)
     await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
+
+
+@pytest.mark.integration
+async def test_writes_elsewhere_evict_on_an_instance_without_listeners_at_no_vault_cost(
+    quiet_pair: tuple[Instance, Instance],
+) -> None:
+    a, b = quiet_pair
+    path = unique_path("quiet")
+    start = b.bus.received
+    await a.manager.set(path, {"v": "1"}, 0)
+    await received(b.bus, start + 1)
+    await b.manager.get(path)
+    before = Counter(b.vault.calls)
+    for version in (1, 2, 3):
+        start = b.bus.received
+        await a.manager.set(path, {"v": str(version + 1)}, version)
+        await received(b.bus, start + 1)
+        assert b.manager.cached_document(path) is None, "the write elsewhere was not evicted"
+    assert b.manager.pending_checks == 0
+    assert b.vault.calls - before == Counter(), "the events cost Vault calls"
+    # The next read confirms the newest version: one read, no metadata read, cached after.
+    assert (await b.manager.get(path)).data == {"v": "4"}
+    assert await reads_for(b, path, 3) == 0
+    assert b.vault.calls - before == Counter(read=1)
+
+
+@pytest.mark.integration
+async def test_a_forged_next_version_on_an_instance_without_listeners_ends_with_the_real_value(
+    quiet_pair: tuple[Instance, Instance], nats: NatsEndpoint
+) -> None:
+    a, b = quiet_pair
+    path = unique_path("quiet-next")
+    start = b.bus.received
+    await a.manager.set(path, {"v": "1"}, 0)
+    await received(b.bus, start + 1)
+    await b.manager.get(path)
+    before = Counter(b.vault.calls)
+    start = b.bus.received
+    async with forger(nats) as nc:
+        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=2))
+        await nc.flush()
+    await received(b.bus, start + 1)
+    assert b.manager.cached_document(path) is None
+    assert b.vault.calls - before == Counter(), "the forged event cost a Vault call by itself"
+    # The read meets the claim: one metadata read refutes it, and the real value is cached.
+    assert (await b.manager.get(path)).data == {"v": "1"}
+    assert b.vault.calls - before == Counter(read=1, metadata=1)
+    assert await reads_for(b, path, 3) == 0
+    assert b.dropped("beyond_vault") == 1
+    # The real version 2 is still evicted and read when it comes.
+    start = b.bus.received
+    await a.manager.set(path, {"v": "2"}, 1)
+    await received(b.bus, start + 1)
+    assert (await b.manager.get(path)).data == {"v": "2"}
+    assert await reads_for(b, path, 3) == 0
 
 
 # -- the bus's own checks (no server) ------------------------------------------------------------
@@ -509,6 +586,7 @@ async def test_claims_on_one_path_share_one_check(fake: Any) -> None:
 async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Any) -> None:
     vault, build = fake
     manager = build()
+    manager.add_listener("l", lambda p, v: None)  # with listeners, every claim is checked
     extra = 300
     for i in range(SecretsManager.VERIFY_QUEUE + extra):
         manager.apply_change(f"app/flood-{i}", 7)
@@ -517,7 +595,9 @@ async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Any) -> 
     await eventually(lambda: settled(manager), timeout=10)
     assert vault.calls["current_version"] == SecretsManager.VERIFY_QUEUE
     assert manager.events_dropped["beyond_vault"] == SecretsManager.VERIFY_QUEUE
-    assert not manager._known, "a refuted claim was kept"
+    # What is left is what was not checked: unconfirmed, for the first read to judge.
+    assert manager._known.keys() == manager._unconfirmed.keys(), "a refuted claim was kept"
+    assert len(manager._unconfirmed) == extra
 
 
 async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fake: Any) -> None:
@@ -525,14 +605,18 @@ async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fa
     manager = build()
     vault.seed(PATH, {"n": 1})
     await manager.get(PATH)
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(v))
     vault.fail_next()
-    manager.apply_change(PATH, 2)  # the next version: recorded at once, then checked
+    manager.apply_change(PATH, 2)  # the next version, with listeners: checked at once
     await eventually(lambda: settled(manager))
     assert manager.events_dropped == {"unverified": 1}
     reads = vault.calls["read"]
-    await manager.get(PATH)
+    await manager.get(PATH)  # it meets the claim, still unconfirmed: Vault refutes it
     await manager.get(PATH)
     assert vault.calls["read"] == reads + 1, "the path is no longer cached"
+    assert manager.events_dropped == {"unverified": 1, "beyond_vault": 1}
+    assert heard == []
 
 
 async def test_a_listeners_read_confirms_the_next_version_without_a_metadata_read(
@@ -641,3 +725,203 @@ async def test_forged_lifecycle_claims_on_a_path_cannot_crowd_out_a_real_deletio
     await manager.get(PATH, 1)
     await manager.get(PATH, 1)
     assert vault.calls["read"] == reads + 1, "version 1 is still cached after one re-read"
+
+
+# -- the next version, confirmed lazily: by the first read that needs it -------------------------
+
+
+async def test_an_event_for_the_next_version_costs_no_vault_call_until_someone_reads(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    calls = vault.total_calls
+    vault.seed(PATH, {"n": 2})  # another instance writes, and its event comes
+    manager.apply_change(PATH, 2)
+    assert manager.cached_document(PATH) is None, "not evicted before apply_change returned"
+    await asyncio.sleep(0.02)  # room for any background check to run
+    assert manager.pending_checks == 0
+    assert vault.total_calls == calls, "the event cost a Vault call by itself"
+    assert (await manager.get(PATH)).version == 2
+    assert (await manager.get(PATH)).version == 2
+    assert vault.total_calls == calls + 1, "the read confirms it: one read, no metadata read"
+    assert vault.calls["current_version"] == 0
+    assert manager.events_dropped == {}
+
+
+async def test_a_forged_next_version_costs_one_metadata_read_when_a_read_meets_it(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    calls = Counter(vault.calls)
+    manager.apply_change(PATH, 2)  # forged: Vault holds version 1 only
+    await asyncio.sleep(0.02)
+    assert vault.calls == calls
+    assert (await manager.get(PATH)).version == 1
+    assert vault.calls - calls == Counter(read=1, current_version=1)
+    assert (await manager.get(PATH)).version == 1
+    assert vault.calls - calls == Counter(read=1, current_version=1), "not cached again"
+    assert manager.events_dropped == {"beyond_vault": 1}
+    vault.seed(PATH, {"n": 2})  # the real version 2 is still evicted and read
+    manager.apply_change(PATH, 2)
+    assert (await manager.get(PATH)).data == {"n": 2}
+    assert manager.events_dropped == {"beyond_vault": 1}
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["a-known-path", "a-path-never-read"])
+async def test_a_forged_far_version_without_listeners_does_not_stop_caching(
+    fake: Any, known: bool
+) -> None:
+    # On a path read here it is a jump, checked at once; on one never read here it is
+    # recorded unconfirmed, and the first read refutes it. Either way: one metadata read.
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    if known:
+        await manager.get(PATH)
+    manager.apply_change(PATH, 2**62)
+    await eventually(lambda: settled(manager))
+    reads = vault.calls["read"]
+    assert (await manager.get(PATH)).version == 1
+    assert (await manager.get(PATH)).version == 1
+    assert vault.calls["read"] == reads + 1, "the path is no longer cached"
+    assert vault.calls["current_version"] == 1
+    assert manager.events_dropped == {"beyond_vault": 1}
+
+
+async def test_with_listeners_a_forged_next_version_is_never_heard_and_the_real_one_is(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(None if v is None else v["n"]))
+    await manager.set(PATH, {"n": 1}, 0)
+    await eventually(lambda: heard == [1])
+    manager.apply_change(PATH, 2)  # forged
+    await eventually(lambda: settled(manager))
+    await asyncio.sleep(0.02)
+    assert heard == [1]
+    assert manager.events_dropped == {"beyond_vault": 1}
+    vault.seed(PATH, {"n": 2})
+    manager.apply_change(PATH, 2)
+    await eventually(lambda: heard == [1, 2])
+
+
+@pytest.mark.parametrize("written", ["elsewhere", "here"])
+async def test_a_listener_added_after_a_forged_next_version_still_hears_the_real_one(
+    fake: Any, written: str
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    manager.apply_change(PATH, 2)  # forged, while nobody listens: recorded unconfirmed
+    heard: list[Any] = []
+    manager.add_listener("l", lambda p, v: heard.append(None if v is None else v["n"]))
+    if written == "elsewhere":
+        vault.seed(PATH, {"n": 2})  # the real version 2, and its event
+        manager.apply_change(PATH, 2)
+    else:
+        await manager.set(PATH, {"n": 2}, 1)
+    await eventually(lambda: settled(manager) and heard == [2])
+    assert (await manager.get(PATH)).version == 2
+
+
+async def test_a_thousand_next_version_events_on_a_thousand_paths_cost_no_vault_call(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    paths = [f"app/svc-{i}/db" for i in range(1000)]
+    for path in paths:
+        await manager.set(path, {"n": 1}, 0)
+    calls = vault.total_calls
+    for version in (2, 3):  # two writes elsewhere on each path
+        for path in paths:
+            vault.seed(path, {"n": version})
+            manager.apply_change(path, version)
+    await asyncio.sleep(0.05)
+    assert manager.pending_checks == 0
+    assert vault.total_calls == calls
+    assert (await manager.get(paths[7])).version == 3
+    assert vault.total_calls == calls + 1
+    assert manager.events_dropped == {}
+
+
+async def test_unconfirmed_versions_are_bounded_and_the_oldest_is_forgotten_at_no_vault_cost(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    manager.UNCONFIRMED_MAX = 10
+    for i in range(15):
+        manager.apply_change(f"app/p-{i}", 4)  # paths this instance knows nothing of
+    assert vault.total_calls == 0
+    assert len(manager._unconfirmed) == 10
+    assert set(manager._known) == set(manager._unconfirmed), "a forgotten claim was kept"
+    vault.seed("app/p-0", {"n": 1})  # forgotten: a read caches what Vault holds
+    assert (await manager.get("app/p-0")).version == 1
+    assert (await manager.get("app/p-0")).version == 1
+    assert vault.total_calls == 1
+
+
+async def test_a_version_a_write_or_read_shows_confirms_what_events_claimed(fake: Any) -> None:
+    vault, build = fake
+    manager = build()
+    await manager.set(PATH, {"n": 1}, 0)
+    vault.seed(PATH, {"n": 2})
+    manager.apply_change(PATH, 2)
+    assert PATH in manager._unconfirmed
+    await manager.set(PATH, {"n": 3}, 2)  # our own write of a newer version
+    assert PATH not in manager._unconfirmed
+    vault.seed(PATH, {"n": 4})
+    manager.apply_change(PATH, 4)
+    assert (await manager.get(PATH)).version == 4
+    assert PATH not in manager._unconfirmed
+    assert vault.calls["current_version"] == 0
+
+
+async def test_a_read_whose_check_vault_does_not_answer_is_served_but_not_cached(
+    fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH)
+    manager.apply_change(PATH, 2)  # forged
+
+    async def unanswered(path: str) -> int:
+        raise VaultUnavailable("the secrets backend is unavailable", path=path)
+
+    monkeypatch.setattr(vault, "current_version", unanswered)
+    assert (await manager.get(PATH)).version == 1
+    assert manager.cached_document(PATH) is None, "cached although the claim stands"
+    assert manager.events_dropped == {"unverified": 1}
+    monkeypatch.undo()
+    reads = vault.calls["read"]
+    assert (await manager.get(PATH)).version == 1  # this read's check refutes the claim
+    assert (await manager.get(PATH)).version == 1
+    assert vault.calls["read"] == reads + 1
+    assert manager.events_dropped == {"unverified": 1, "beyond_vault": 1}
+
+
+async def test_the_version_check_judges_an_unconfirmed_version_of_a_path_it_reads_anyway(
+    fake: Any,
+) -> None:
+    vault, build = fake
+    manager = build()
+    vault.seed(PATH, {"n": 1})
+    await manager.get(PATH, 1)  # a pinned version keeps the path in the version check
+    manager.apply_change(PATH, 2)  # forged
+    await manager.check_versions()
+    assert manager.events_dropped == {"beyond_vault": 1}
+    calls = Counter(vault.calls)
+    assert (await manager.get(PATH)).version == 1
+    assert (await manager.get(PATH)).version == 1
+    assert vault.calls - calls == Counter(read=1), "no metadata read: the check settled it"
