@@ -560,7 +560,7 @@ class SecretsManager:
                 # Forgotten, as if its event had only evicted: this many claims later, a read
                 # in flight since is unlikely, and no unconfirmed version outlives the bound.
                 oldest, _ = self._unconfirmed.popitem(last=False)
-                del self._known[oldest]
+                self._known.pop(oldest, None)  # its own LRU may have dropped it already
         self._advance(path, version, confirmed=False)
 
     async def _confirm(self, path: str) -> None:
@@ -585,17 +585,18 @@ class SecretsManager:
         before = self._unconfirmed.get(path)
         if before is None:
             return False  # confirmed already, or nothing unconfirmed
-        if self._known[path] <= current:
+        known = self._known.get(path, 0)  # 0: dropped by the LRU of `_known` meanwhile
+        if known <= current:
             del self._unconfirmed[path]
             return False
-        if self._known[path] != claimed:
+        if known != claimed:
             return False  # a newer claim came while Vault answered: judged the next time
         del self._unconfirmed[path]
         restored = max(before, current)
         if restored:
             self._known[path] = restored
         else:
-            del self._known[path]
+            self._known.pop(path, None)
         return True
 
     def _check(self, path: str, version: int) -> None:
