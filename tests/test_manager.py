@@ -345,9 +345,10 @@ async def test_set_with_a_stale_version_conflicts_with_the_current_version(
     vault.seed(PATH, TWO)
     manager = make()
     with pytest.raises(VersionConflict) as conflict:
-        await manager.set(PATH, {"password": "three"}, 1)
+        await manager.set(PATH, {"password": CANARY}, 1)  # the refused value: never echoed
     assert conflict.value.current_version == 2
     assert CANARY not in str(conflict.value)
+    assert CANARY not in repr(conflict.value)
 
 
 async def test_a_write_that_returns_after_a_newer_versions_event_does_not_cache_the_older(

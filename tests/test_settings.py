@@ -1,6 +1,7 @@
 """Settings.from_environ: defaults, required settings, validation, the TOML file, precedence.
 
-Every test passes a plain dict: nothing here reads or changes os.environ.
+Every test passes a plain dict; one sets SECRETS_* in the process (monkeypatch) to prove they are
+not read.
 """
 
 from __future__ import annotations
@@ -302,11 +303,16 @@ def test_the_given_mapping_is_read_not_changed_and_os_environ_is_untouched() -> 
     assert dict(os.environ) == before
 
 
-def test_nothing_is_read_from_os_environ() -> None:
-    # If SECRETS_* happened to be set in this process, a dict without them must still fail.
+def test_nothing_is_read_from_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every setting set in the process: a dict without them must still fail, and a dict with
+    # the required ones must still get the defaults, not the process's values.
+    for key, value in {**REQUIRED, "SECRETS_PORT": "9999", "SECRETS_LOG_LEVEL": "DEBUG"}.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError) as info:
         Settings.from_environ({})
     assert info.value.setting == "SECRETS_VAULT_ADDR"
+    settings = Settings.from_environ(dict(REQUIRED))
+    assert (settings.port, settings.log_level) == (8080, "INFO")
 
 
 # -- audit and metrics ------------------------------------------------------------------------
