@@ -152,13 +152,16 @@ class EventBus:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_hostname: str | None = None,
+        tls_first: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`servers` may carry a user and password (``nats://user:pass@host:4222``); they are
         never logged. `credentials` is a NATS credentials file (user JWT and NKEY seed).
         `tls_ca` (a PEM bundle), `tls_cert` and `tls_key` (a client certificate, for mutual TLS)
         make the connection TLS and check the server against that CA (`tls_hostname`: the name
-        its certificate must carry, when not the one in the URL)."""
+        its certificate must carry, when not the one in the URL). `tls_first` starts TLS before
+        the server's greeting (the server's `tls` block needs `handshake_first: true`), so that
+        nobody on the path can strip TLS and read the credentials sent next."""
         self.servers = list(servers)
         self.prefix = prefix
         self.instance_id = instance_id
@@ -167,10 +170,11 @@ class EventBus:
         self.replicas = replicas
         self.credentials = credentials
         self.tls_hostname = tls_hostname
+        self.tls_first = tls_first
         if credentials is not None:
             check_credentials(credentials)
         try:
-            self._tls = tls_context(tls_ca, tls_cert, tls_key)
+            self._tls = tls_context(tls_ca, tls_cert, tls_key, required=tls_first)
         except TlsFileError as exc:
             setting = "SECRETS_NATS_TLS_CA" if exc.which == "ca" else "SECRETS_NATS_TLS_CERT"
             raise ConfigError(setting, str(exc)) from None
@@ -204,7 +208,9 @@ class EventBus:
 
     async def connect(self, handler: ChangeHandler, *, connect_timeout: float = 5.0) -> None:
         self._handler = handler
-        options = connect_options(self.credentials, self._tls, self.tls_hostname)
+        options = connect_options(
+            self.credentials, self._tls, self.tls_hostname, tls_first=self.tls_first
+        )
         nc = NATS()
         try:
             # Bounded here: with endless reconnects, nats-py retries a first connection forever
@@ -478,13 +484,17 @@ class TlsFileError(ValueError):
 
 
 def tls_context(
-    ca: str | None = None, cert: str | None = None, key: str | None = None
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    *,
+    required: bool = False,
 ) -> ssl.SSLContext | None:
     """A client TLS context for NATS: server certificates checked against `ca` (the system's
-    CAs without it), and `cert`/`key` presented for mutual TLS. None when nothing is given
-    (nats-py then makes a default context itself if the URL or the server asks for TLS).
-    Raises `TlsFileError` for a file that does not load."""
-    if ca is None and cert is None and key is None:
+    CAs without it), and `cert`/`key` presented for mutual TLS. None when nothing is given and
+    TLS is not `required` (nats-py then makes a default context itself if the URL or the server
+    asks for TLS). Raises `TlsFileError` for a file that does not load."""
+    if ca is None and cert is None and key is None and not required:
         return None
     if (cert is None) != (key is None):
         raise TlsFileError("cert", "a client certificate needs its key, and a key its certificate")
@@ -504,10 +514,18 @@ def tls_context(
 
 
 def connect_options(
-    credentials: str | None, tls: ssl.SSLContext | None, tls_hostname: str | None
+    credentials: str | None,
+    tls: ssl.SSLContext | None,
+    tls_hostname: str | None,
+    *,
+    tls_first: bool = False,
 ) -> dict[str, Any]:
     """The keyword arguments of `nats.connect` for a credentials file and TLS, where given."""
     options: dict[str, Any] = {}
+    if tls_first:
+        # nats-py otherwise upgrades only when the server's plain-text greeting says
+        # `tls_required`, which whoever sits on the path can delete.
+        options["tls_handshake_first"] = True
     if credentials is not None:
         options["user_credentials"] = credentials
     if tls is not None:

@@ -171,6 +171,7 @@ class ChangeListener:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_hostname: str | None = None,
+        tls_first: bool = False,
     ) -> None:
         starts = sum(x is not None for x in (start_sequence, start_time)) + deliver_new
         if starts > 1:
@@ -199,7 +200,8 @@ class ChangeListener:
                 raise ValueError(f"NATS credentials file: {exc.problem}") from None
         self.credentials = credentials
         self.tls_hostname = tls_hostname
-        self._tls = tls_context(tls_ca, tls_cert, tls_key)
+        self.tls_first = tls_first
+        self._tls = tls_context(tls_ca, tls_cert, tls_key, required=tls_first)
         self._last_error: Exception | None = None
         self.last_sequence = 0
         self.skipped = 0
@@ -249,7 +251,9 @@ class ChangeListener:
         await self.aclose()
 
     async def _open(self, nc: NATS) -> None:
-        options = connect_options(self.credentials, self._tls, self.tls_hostname)
+        options = connect_options(
+            self.credentials, self._tls, self.tls_hostname, tls_first=self.tls_first
+        )
         await nc.connect(
             servers=self.servers,
             name=self.name,

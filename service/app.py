@@ -141,6 +141,7 @@ def create_app(
                 tls_ca=settings.nats_tls_ca,
                 tls_cert=settings.nats_tls_cert,
                 tls_key=settings.nats_tls_key,
+                tls_first=settings.nats_tls_first,
             )
             manager = SecretsManager(
                 vault,

@@ -72,6 +72,7 @@ environment:
   SECRETS_NATS_CREDS   NATS credentials file for watch (user and password may stand in the URL)
   SECRETS_NATS_TLS_CA, SECRETS_NATS_TLS_CERT, SECRETS_NATS_TLS_KEY
                        TLS to NATS for watch: CA bundle, client certificate and key
+  SECRETS_NATS_TLS_FIRST  true: TLS from the first byte (server: handshake_first)
 
 output:
   stdout: the service's JSON answer (watch: one JSON object per line, per change)
@@ -334,6 +335,8 @@ def _watch(
             tls_ca=environ.get("SECRETS_NATS_TLS_CA") or None,
             tls_cert=environ.get("SECRETS_NATS_TLS_CERT") or None,
             tls_key=environ.get("SECRETS_NATS_TLS_KEY") or None,
+            tls_first=environ.get("SECRETS_NATS_TLS_FIRST", "").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
     except ValueError as exc:
         _print(stderr, {"error": "invalid_request", "detail": str(exc)}, compact=True)

@@ -57,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    # TLS from the first byte (the server's tls block needs `handshake_first: true`).
+    nats_tls_first: bool = False
     # Connections and requests one worker serves at once; beyond it new ones get 503.
     limit_concurrency: int = 2048
     cache_ttl: float = 300.0
@@ -150,6 +152,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "nats_tls_ca": _readable_file,
             "nats_tls_cert": _readable_file,
             "nats_tls_key": _readable_file,
+            "nats_tls_first": _boolean,
             "limit_concurrency": _int_between(1, 1_000_000),
             "cache_ttl": _nonnegative_float,
             "cache_fallback_ttl": _nonnegative_float,
@@ -321,6 +324,15 @@ def _audit_sink(v: Any) -> str:
     if s.startswith("file:") and s[5:].strip():
         return "file:" + s[5:].strip()
     raise ValueError(f"must be stdout, none or file:<path>, got {s!r}")
+
+
+def _boolean(v: Any) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {v!r}")
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:

@@ -98,6 +98,7 @@ def test_every_instance_logs_in_to_nats_as_the_service_over_mutual_tls_and_serve
             assert parts.username == "service"
             assert parts.password == OPERATOR_ENV["SECRETS_NATS_SERVICE_PASSWORD"]
         assert settings.nats_tls_ca and settings.nats_tls_cert and settings.nats_tls_key
+        assert settings.nats_tls_first  # the servers greet such clients in TLS only
         assert tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
         assert settings.tls_cert and settings.tls_key
         mounts = stack["services"][name]["volumes"]

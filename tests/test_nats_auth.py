@@ -521,3 +521,149 @@ async def test_after_a_reconnect_the_service_replays_what_it_missed_with_its_gra
             await eventually(lambda: not bus_b._tasks, timeout=TIMEOUT)  # the replay ran
         log = server_log(server)
         assert "Violation" not in log, log[-2000:]
+
+
+# -- TLS that nobody on the path can strip -------------------------------------------------------
+
+
+class StrippingProxy:
+    """A man in the middle: relays bytes, deletes `tls_required` from a plain-text INFO
+    greeting, and keeps what the client sent. nats-py upgrades to TLS only when the greeting
+    asks, so a client it fools sends its CONNECT, password included, in plain text."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.from_client = bytearray()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> StrippingProxy:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def downstream() -> None:  # server -> client, the greeting rewritten
+            first = True
+            while data := await up_reader.read(65536):
+                if first and data.startswith(b"INFO "):
+                    line, rest = data.split(b"\r\n", 1)
+                    info = json.loads(line[5:])
+                    for key in ("tls_required", "tls_verify", "tls_available"):
+                        info.pop(key, None)
+                    data = b"INFO " + json.dumps(info).encode() + b"\r\n" + rest
+                first = False
+                writer.write(data)
+                await writer.drain()
+
+        async def upstream() -> None:  # client -> server, kept
+            while data := await reader.read(65536):
+                self.from_client += data
+                up_writer.write(data)
+                await up_writer.drain()
+
+        tasks = [asyncio.ensure_future(downstream()), asyncio.ensure_future(upstream())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            writer.close()
+            up_writer.close()
+
+
+async def test_a_client_that_waits_for_the_greeting_can_be_stripped_of_tls(
+    tls_nats: tuple[NatsServer, Pki],
+) -> None:
+    # The attack SECRETS_NATS_TLS_FIRST closes, shown on a client without it.
+    server, pki = tls_nats
+    assert server.port is not None
+    async with StrippingProxy(server.port) as proxy:
+        bus = EventBus(
+            [f"nats://service:{SERVICE_PASSWORD}@127.0.0.1:{proxy.port}"],
+            PREFIX,
+            instance_id="strip-x",
+            tls_ca=pki.ca_file,
+            tls_cert=pki.service_cert,
+            tls_key=pki.service_key,
+        )
+        with pytest.raises(ConfigError):
+            await bus.connect(Handler(), connect_timeout=1.0)
+        await bus.aclose()
+    assert SERVICE_PASSWORD.encode() in proxy.from_client
+
+
+async def test_a_tls_first_client_never_sends_its_password_where_the_path_can_read_it(
+    tls_nats: tuple[NatsServer, Pki],
+) -> None:
+    server, pki = tls_nats
+    assert server.port is not None
+    async with StrippingProxy(server.port) as proxy:
+        bus = EventBus(
+            [f"nats://service:{SERVICE_PASSWORD}@127.0.0.1:{proxy.port}"],
+            PREFIX,
+            instance_id="tls-first",
+            tls_ca=pki.ca_file,
+            tls_cert=pki.service_cert,
+            tls_key=pki.service_key,
+            tls_hostname="127.0.0.1",
+            tls_first=True,
+        )
+        try:
+            await bus.connect(Handler(), connect_timeout=TIMEOUT)
+            assert bus.connected
+            assert await bus.publish_audit("read", b'{"probe": 1}')  # JetStream answered
+        finally:
+            await bus.aclose()
+    assert proxy.from_client, "the client went through the proxy"
+    assert SERVICE_PASSWORD.encode() not in proxy.from_client
+    assert b"CONNECT" not in proxy.from_client
+    assert proxy.from_client[:1] == b"\x16"  # a TLS handshake record from the first byte
+
+
+async def test_the_service_with_tls_first_serves_and_a_tls_first_listener_follows_it(
+    openbao: OpenBaoEndpoint,
+    oidc: OidcIssuer,
+    tls_nats: tuple[NatsServer, Pki],
+    tmp_path: Path,
+) -> None:
+    server, pki = tls_nats
+    settings = service_settings(
+        openbao,
+        url(server, "service", SERVICE_PASSWORD, scheme="tls"),
+        oidc,
+        write_policy(tmp_path),
+        nats_tls_ca=pki.ca_file,
+        nats_tls_cert=pki.service_cert,
+        nats_tls_key=pki.service_key,
+        nats_tls_first="true",
+    )
+    assert settings.nats_tls_first is True
+    path = f"app/tls-first-{uuid.uuid4().hex[:8]}/db"
+    async with running_service(settings) as svc:
+        await svc.state.manager.set(path, {"password": "p1"}, 0)
+        async with ChangeListener(
+            url(server, "listener", LISTENER_PASSWORD, scheme="tls"),
+            "app/**",
+            start_sequence=1,
+            connect_timeout=TIMEOUT,
+            tls_ca=pki.ca_file,
+            tls_cert=pki.service_cert,
+            tls_key=pki.service_key,
+            tls_first=True,
+        ) as changes:
+            change = await first_change(changes, path)
+        assert change.version == 1
+    assert "Violation" not in server_log(server)

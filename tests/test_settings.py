@@ -379,3 +379,18 @@ def test_credentials_in_the_vault_and_nats_urls_never_print() -> None:
     # Only what is shown is redacted: the service still connects with the credentials.
     assert settings.vault_addr == "https://svc-user:vault-pass-canary@vault.internal:8200"
     assert settings.nats_url[0] == "nats://nats-user:nats-pass-canary@n1:4222"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("true", True), ("1", True), ("on", True), ("false", False), ("0", False)]
+)
+def test_nats_tls_first_is_a_boolean(raw: str, expected: bool) -> None:
+    assert Settings.from_environ({**REQUIRED, "SECRETS_NATS_TLS_FIRST": raw}).nats_tls_first is (
+        expected
+    )
+
+
+def test_nats_tls_first_that_is_not_a_boolean_names_the_setting() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_environ({**REQUIRED, "SECRETS_NATS_TLS_FIRST": "maybe"})
+    assert info.value.setting == "SECRETS_NATS_TLS_FIRST"
