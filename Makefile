@@ -24,7 +24,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -m "not slow"
+	SECRETS_TEST_REQUIRE_SERVERS=1 $(BIN)/pytest -m "not slow"
 
 # Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500
 # schemathesis examples); measured figures go to bench/results/reliability.jsonl.

@@ -26,6 +26,7 @@ from service.devstack import (
     start_nats_cluster,
     wait_for_kv,
 )
+from tests.support import skip_unless_required
 
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
@@ -141,7 +142,7 @@ def openbao() -> Iterator[OpenBaoEndpoint]:
     try:
         server.start()
     except BinaryNotFound as exc:
-        pytest.skip(f"OpenBao is not available: {exc}")
+        skip_unless_required(f"OpenBao is not available: {exc}")
     try:
         yield server
     finally:
@@ -158,7 +159,7 @@ def nats() -> Iterator[NatsEndpoint]:
     try:
         server.start()
     except BinaryNotFound as exc:
-        pytest.skip(f"nats-server is not available: {exc}")
+        skip_unless_required(f"nats-server is not available: {exc}")
     try:
         yield server
     finally:

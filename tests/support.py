@@ -11,9 +11,10 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
+import pytest
 import uvicorn
 
 from events.bus import EventBus
@@ -214,3 +215,15 @@ async def _wait_meshed(services: Sequence[RunningService], timeout: float = 10.0
     finally:
         for sub in subs:
             await sub.unsubscribe()
+
+
+REQUIRE_SERVERS_ENV = "SECRETS_TEST_REQUIRE_SERVERS"
+"""Set to 1 by `make test` (and so by CI): a server binary the tests need must be there."""
+
+
+def skip_unless_required(reason: str) -> NoReturn:
+    """Skip for a missing tool, except under `make test`, where that is a failure: a suite
+    that skipped its integration tests must not pass."""
+    if os.environ.get(REQUIRE_SERVERS_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_SERVERS_ENV}=1: make test needs it)", pytrace=False)
+    pytest.skip(reason)

@@ -32,6 +32,7 @@ from service.devstack import (
     find_binary,
     start_nats_cluster,
 )
+from tests.support import skip_unless_required
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def _require(name: str, package: str) -> None:
     try:
         find_binary(name, package)
     except BinaryNotFound as exc:
-        pytest.skip(str(exc))
+        skip_unless_required(str(exc))
 
 
 def _pid_is_gone(pid: int) -> bool:
@@ -297,3 +298,14 @@ def test_container_backend_skips_cleanly_without_a_docker_engine() -> None:
     assert "2 skipped" in run.stdout, run.stdout
     for image in ("openbao/openbao", "nats:latest"):
         assert f"no Docker engine answered to run {image}" in run.stdout, run.stdout
+
+
+def test_a_missing_server_is_a_skip_for_pytest_and_a_failure_for_make_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SECRETS_TEST_REQUIRE_SERVERS", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        skip_unless_required("nats-server is not available")
+    monkeypatch.setenv("SECRETS_TEST_REQUIRE_SERVERS", "1")
+    with pytest.raises(pytest.fail.Exception, match="make test needs it"):
+        skip_unless_required("nats-server is not available")

@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 
 from service.devstack import OpenBaoServer
-from tests.support import record_figures, running_service, service_settings, write_policy
+from tests.support import (
+    record_figures,
+    running_service,
+    service_settings,
+    skip_unless_required,
+    write_policy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +52,7 @@ async def service_url(
 def _st() -> str:
     binary = Path(sys.executable).parent / "st"
     if not binary.is_file():
-        pytest.skip(
+        skip_unless_required(
             f"schemathesis is not installed beside {sys.executable} (pip install -e '.[dev]')"
         )
     return str(binary)
