@@ -39,6 +39,7 @@ from schemas.events import (
 )
 from service.errors import ConfigError
 from service.logs import redact_url
+from service.paths import is_valid_path
 
 __all__ = [
     "AUDIT_STREAM",
@@ -461,9 +462,12 @@ def check_event(event: ChangeEvent) -> str | None:
 
     A write names a version from 1 to 2^53; a lifecycle event the path's current version (0
     when its whole history is gone) and at most `MAX_EVENT_VERSIONS` versions, each from 1 to
-    2^53; no text field is longer than its kind ever is. The schema already refuses negative
+    2^53; the path is a valid secret path; no text field is longer than its kind ever is. The
+    schema already refuses negative
     numbers and wrong types, and the subject check the path's length.
     """
+    if not is_valid_path(event.path):  # the path rules every route applies, for events too
+        return "out_of_range"
     lowest = 1 if isinstance(event, SecretCreated | SecretUpdated) else 0
     if not lowest <= event.version <= MAX_EVENT_VERSION:
         return "out_of_range"

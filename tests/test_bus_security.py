@@ -14,12 +14,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
+import msgspec
 import nats as nats_client
 import pytest
 from prometheus_client import generate_latest
 
-from events.bus import EventBus
+from events.bus import EventBus, check_event
 from events.subjects import changed_subject
 from schemas.events import SecretDestroyed, SecretUpdated, event_encoder
 from service.devstack import NatsEndpoint, OpenBaoEndpoint
@@ -925,3 +927,23 @@ async def test_the_version_check_judges_an_unconfirmed_version_of_a_path_it_read
     assert (await manager.get(PATH)).version == 1
     assert (await manager.get(PATH)).version == 1
     assert vault.calls - calls == Counter(read=1), "no metadata read: the check settled it"
+
+
+@pytest.mark.parametrize(
+    "path", ["app/../db", "app//db", "/app/db", "app/db/", "a b/c", "a/" * 17 + "x", "x" * 600]
+)
+def test_an_event_for_a_path_no_route_would_accept_is_dropped(path: str) -> None:
+    # Its subject, percent-encoded by hand: `changed_subject` refuses such a path itself.
+    tokens = [quote(segment, safe="") or "%00" for segment in path.split("/")]
+    subject = f"{PREFIX}.changed." + ".".join(tokens)
+    bus, handler = offline_bus()
+    bus._handle(forged(SecretUpdated, path=path, version=2), subject)
+    bus._handle(forged(SecretUpdated, path=path, version=2))  # no subject to compare with
+    assert handler.calls == []
+    assert sum(bus.dropped.values()) == 2
+    assert (
+        check_event(
+            msgspec.json.decode(forged(SecretUpdated, path=path, version=2), type=SecretUpdated)
+        )
+        == "out_of_range"
+    )
