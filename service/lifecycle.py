@@ -126,6 +126,8 @@ class SecretMethods:
         # is bounded (service.listing), and a folder left undecided is hidden.
         listing = await readable_keys(manager.list_keys, globs, path, candidates)
         _note(list_calls=listing.calls + 1, list_truncated=listing.truncated)
+        if listing.truncated:
+            request.app.state.metrics.listings_truncated += 1
         if not listing.keys:
             # Nothing readable: the answer a missing prefix gets, byte for byte. A truncated
             # walk that found nothing says so only in the log: saying it here would tell that

@@ -541,6 +541,11 @@ class SecretsManager:
     # - afterwards: an ordinary `_known` version if confirmed, nothing if refuted.
 
     @property
+    def unconfirmed_claims(self) -> int:
+        """Paths whose newest known version an event claimed and no read or check confirmed."""
+        return len(self._unconfirmed)
+
+    @property
     def pending_checks(self) -> int:
         """Paths whose event claims wait for (or are in) a check against Vault."""
         return len(self._claims)

@@ -14,7 +14,8 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_vault_request_seconds{op}            secrets_vault_errors_total{op,error}
     secrets_events_published_total               secrets_events_received_total
     secrets_events_failed_total{stage}           secrets_event_lag_seconds
-    secrets_events_dropped_total{reason}
+    secrets_events_dropped_total{reason}         secrets_events_unconfirmed
+    secrets_listings_truncated_total
     secrets_audit_records_total{sink,result}     secrets_audit_dropped_total{reason}
     secrets_audit_refused_total                  secrets_audit_healthy
 """
@@ -90,6 +91,7 @@ class Metrics:
             buckets=_LAG_BUCKETS, registry=r,
         )  # fmt: skip
         self._collector: _StateCollector | None = None
+        self.listings_truncated = 0  # listings whose walk ran out of its budget (a plain int)
 
     def observe_operation(self, op: str, outcome: str, seconds: float) -> None:
         if op not in OPS:
@@ -159,6 +161,11 @@ class _OperationCollector(Collector):
             buckets.append(("+Inf", cumulative[-1]))
             latency.add_metric([op], buckets, total)
         yield latency
+        yield _counter(
+            "secrets_listings_truncated",
+            "Listings that hid folders left undecided when their budget of LIST calls ran out",
+            self.metrics.listings_truncated,
+        )
 
 
 class _StateCollector(Collector):
@@ -201,6 +208,11 @@ class _StateCollector(Collector):
             )
             # The bus drops what does not decode or match its subject; the manager what Vault
             # does not confirm. Every reason is shown, at 0 until it happens.
+            yield GaugeMetricFamily(
+                "secrets_events_unconfirmed",
+                "Paths whose newest version is known from an event only, not yet from Vault",
+                self.manager.unconfirmed_claims,
+            )
             manager_drops = self.manager.events_dropped
             yield _labelled(
                 "secrets_events_dropped",

@@ -745,9 +745,11 @@ async def test_an_event_for_the_next_version_costs_no_vault_call_until_someone_r
     assert manager.cached_document(PATH) is None, "not evicted before apply_change returned"
     await asyncio.sleep(0.02)  # room for any background check to run
     assert manager.pending_checks == 0
+    assert manager.unconfirmed_claims == 1  # secrets_events_unconfirmed
     assert vault.total_calls == calls, "the event cost a Vault call by itself"
     assert (await manager.get(PATH)).version == 2
     assert (await manager.get(PATH)).version == 2
+    assert manager.unconfirmed_claims == 0
     assert vault.total_calls == calls + 1, "the read confirms it: one read, no metadata read"
     assert vault.calls["current_version"] == 0
     assert manager.events_dropped == {}

@@ -62,6 +62,10 @@ class Tree:
         target = f"/secrets/{prefix}:list" if prefix else "/secrets:list"
         return await self.client.get(target, headers=bearer(self.tokens[who]))
 
+    def metric(self, name: str, **labels: str) -> float:
+        text = generate_latest(self.svc.state.metrics.registry).decode()
+        return metric_value(text, name, **labels)
+
     def vault_lists(self) -> float:
         """Vault LIST calls the service has made so far."""
         text = generate_latest(self.svc.state.metrics.registry).decode()
@@ -195,10 +199,12 @@ async def test_a_folder_whose_readable_secret_lies_past_the_budget_is_hidden_and
     await asyncio.gather(*(tree.create(f"tree/wide/f{i:03d}/x") for i in range(72)))
     await tree.create("tree/wide/zzz/config")
     before = tree.vault_lists()
+    truncated = tree.metric("secrets_listings_truncated_total")
     listed = await tree.list("tree")
     assert listed.status_code == 200
     assert listed.json() == {"prefix": "tree", "keys": ["open/"], "truncated": True}
     assert tree.vault_lists() - before <= LIST_BUDGET + 1
+    assert tree.metric("secrets_listings_truncated_total") == truncated + 1
     # Asked where the budget reaches, the same secret is found.
     assert (await tree.list("tree/wide/zzz")).json()["keys"] == ["config"]
 
