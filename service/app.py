@@ -528,12 +528,12 @@ class _RequestContext:
         for the routes to answer."""
         started = time.perf_counter()
         ctx: dict[str, Any] = {"request_id": ""}  # first: the log line shows it first
-        theirs = _request_id(scope)
-        if theirs is not None:  # next, as on the routes
-            ctx["client_request_id"] = theirs
         answer = _cached_read(scope, ctx)
         if answer is None:
-            return False  # the routes give the request its id
+            return False  # the routes give the request its ids
+        theirs = _request_id(scope)
+        if theirs is not None:  # right after the request id, as on the routes
+            ctx = {"request_id": "", "client_request_id": theirs, **ctx}
         request_id = ctx["request_id"] = self.ids.next()
         response_start, response_body = answer
         response_start["headers"].append((b"x-request-id", request_id.encode()))

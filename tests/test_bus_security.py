@@ -145,6 +145,33 @@ async def received(bus: EventBus, count: int) -> None:
     await eventually(lambda: bus.received >= count, timeout=SETTLE)
 
 
+async def cached_on_b(a: Instance, b: Instance, path: str, writes: int = 1) -> None:
+    """Write `writes` versions of `path` through A (`{"v": "1"}`, ...), wait until B's listeners
+    heard the last, and have B cache it."""
+    for n in range(1, writes + 1):
+        await a.manager.set(path, {"v": str(n)}, n - 1)
+    await eventually(lambda: (path, {"v": str(writes)}) in b.heard, timeout=SETTLE)
+    await b.manager.get(path)
+
+
+async def written_by_a(a: Instance, b: Instance, path: str, n: int) -> None:
+    """Write `{"v": "<n>"}` as version n of `path` through A; return once B received its event."""
+    start = b.bus.received
+    await a.manager.set(path, {"v": str(n)}, n - 1)
+    await received(b.bus, start + 1)
+
+
+async def forge(nats: NatsEndpoint, inst: Instance, subject: str, payload: bytes) -> None:
+    """Publish `payload` on `subject` as a forger would; return once `inst` received it and
+    settled what it checks."""
+    start = inst.bus.received
+    async with forger(nats) as nc:
+        await nc.publish(subject, payload)
+        await nc.flush()
+    await received(inst.bus, start + 1)
+    await eventually(inst.settled, timeout=SETTLE)
+
+
 async def reads_for(inst: Instance, path: str, times: int, version: int | None = None) -> int:
     """How many Vault reads `times` gets of `path` took."""
     before = inst.vault.calls["read"]
@@ -184,15 +211,9 @@ async def test_an_event_whose_payload_path_is_not_its_subjects_path_is_dropped_a
 ) -> None:
     a, b = pair
     path, other = unique_path("victim"), unique_path("other")
-    await a.manager.set(path, {"v": "1"}, 0)
-    await b.manager.get(path)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        # On another path's subject (which a publisher may be allowed), naming the victim.
-        await nc.publish(changed_subject(PREFIX, other), forged(path=path, version=7))
-        await nc.flush()
-    await received(b.bus, start + 1)
-    await eventually(b.settled, timeout=SETTLE)
+    await cached_on_b(a, b, path)
+    # On another path's subject (which a publisher may be allowed), naming the victim.
+    await forge(nats, b, changed_subject(PREFIX, other), forged(path=path, version=7))
     assert b.manager.cached_document(path) is not None, "the victim's entry was evicted"
     assert await reads_for(b, path, 3) == 0
     assert b.dropped("subject_mismatch") == 1
@@ -203,21 +224,13 @@ async def test_an_event_whose_payload_path_is_not_its_subjects_path_is_dropped_a
 @pytest.mark.parametrize(
     ("version", "reason"), [(2**62, "out_of_range"), (1000, "beyond_vault")], ids=["2^62", "1000"]
 )
-@pytest.mark.integration
 async def test_a_forged_far_version_neither_stops_caching_nor_silences_listeners(
     pair: tuple[Instance, Instance], nats: NatsEndpoint, version: int, reason: str
 ) -> None:
     a, b = pair
     path = unique_path("far")
-    await a.manager.set(path, {"v": "1"}, 0)
-    await eventually(lambda: (path, {"v": "1"}) in b.heard, timeout=SETTLE)
-    await b.manager.get(path)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=version))
-        await nc.flush()
-    await received(b.bus, start + 1)
-    await eventually(b.settled, timeout=SETTLE)
+    await cached_on_b(a, b, path)
+    await forge(nats, b, changed_subject(PREFIX, path), forged(path=path, version=version))
     # Evicted at most once (an eviction only costs a re-read), then cached again.
     assert await reads_for(b, path, 4) <= 1
     assert await reads_for(b, path, 4) == 0
@@ -236,15 +249,8 @@ async def test_a_forged_next_version_is_rolled_back_and_the_real_one_is_still_he
     # One above what this instance knows: the fast path applies it at once, then checks it.
     a, b = pair
     path = unique_path("next")
-    await a.manager.set(path, {"v": "1"}, 0)
-    await eventually(lambda: (path, {"v": "1"}) in b.heard, timeout=SETTLE)
-    await b.manager.get(path)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=2))
-        await nc.flush()
-    await received(b.bus, start + 1)
-    await eventually(b.settled, timeout=SETTLE)
+    await cached_on_b(a, b, path)
+    await forge(nats, b, changed_subject(PREFIX, path), forged(path=path, version=2))
     assert await reads_for(b, path, 4) <= 1
     assert await reads_for(b, path, 4) == 0
     assert b.dropped("beyond_vault") == 1
@@ -259,19 +265,11 @@ async def test_a_forged_destroyed_event_for_a_live_version_does_not_stop_caching
 ) -> None:
     a, b = pair
     path = unique_path("destroyed")
-    await a.manager.set(path, {"v": "1"}, 0)
-    await a.manager.set(path, {"v": "2"}, 1)
-    await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
-    await b.manager.get(path)
+    await cached_on_b(a, b, path, writes=2)
     await b.manager.get(path, 1)
     heard_before = list(b.heard)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        payload = forged(SecretDestroyed, path=path, version=2, versions=(1, 2))
-        await nc.publish(changed_subject(PREFIX, path), payload)
-        await nc.flush()
-    await received(b.bus, start + 1)
-    await eventually(b.settled, timeout=SETTLE)
+    payload = forged(SecretDestroyed, path=path, version=2, versions=(1, 2))
+    await forge(nats, b, changed_subject(PREFIX, path), payload)
     for version in (None, 1):
         assert await reads_for(b, path, 3, version) <= 1
         assert await reads_for(b, path, 3, version) == 0, f"version {version} is not cached"
@@ -323,14 +321,9 @@ async def test_an_event_claiming_our_own_instance_id_changes_nothing_here(
 ) -> None:
     a, b = pair
     path = unique_path("own")
-    await a.manager.set(path, {"v": "1"}, 0)
-    await b.manager.get(path)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        spoofed = forged(path=path, version=2**40, instance_id=b.manager.instance_id)
-        await nc.publish(changed_subject(PREFIX, path), spoofed)
-        await nc.flush()
-    await received(b.bus, start + 1)
+    await cached_on_b(a, b, path)
+    spoofed = forged(path=path, version=2**40, instance_id=b.manager.instance_id)
+    await forge(nats, b, changed_subject(PREFIX, path), spoofed)
     assert await reads_for(b, path, 3) == 0
     await a.manager.set(path, {"v": "2"}, 1)
     await eventually(lambda: (path, {"v": "2"}) in b.heard, timeout=SETTLE)
@@ -342,15 +335,11 @@ async def test_writes_elsewhere_evict_on_an_instance_without_listeners_at_no_vau
 ) -> None:
     a, b = quiet_pair
     path = unique_path("quiet")
-    start = b.bus.received
-    await a.manager.set(path, {"v": "1"}, 0)
-    await received(b.bus, start + 1)
+    await written_by_a(a, b, path, 1)
     await b.manager.get(path)
     before = Counter(b.vault.calls)
-    for version in (1, 2, 3):
-        start = b.bus.received
-        await a.manager.set(path, {"v": str(version + 1)}, version)
-        await received(b.bus, start + 1)
+    for version in (2, 3, 4):
+        await written_by_a(a, b, path, version)
         assert b.manager.cached_document(path) is None, "the write elsewhere was not evicted"
     assert b.manager.pending_checks == 0
     assert b.vault.calls - before == Counter(), "the events cost Vault calls"
@@ -366,16 +355,10 @@ async def test_a_forged_next_version_on_an_instance_without_listeners_ends_with_
 ) -> None:
     a, b = quiet_pair
     path = unique_path("quiet-next")
-    start = b.bus.received
-    await a.manager.set(path, {"v": "1"}, 0)
-    await received(b.bus, start + 1)
+    await written_by_a(a, b, path, 1)
     await b.manager.get(path)
     before = Counter(b.vault.calls)
-    start = b.bus.received
-    async with forger(nats) as nc:
-        await nc.publish(changed_subject(PREFIX, path), forged(path=path, version=2))
-        await nc.flush()
-    await received(b.bus, start + 1)
+    await forge(nats, b, changed_subject(PREFIX, path), forged(path=path, version=2))
     assert b.manager.cached_document(path) is None
     assert b.vault.calls - before == Counter(), "the forged event cost a Vault call by itself"
     # The read meets the claim: one metadata read refutes it, and the real value is cached.
@@ -384,9 +367,7 @@ async def test_a_forged_next_version_on_an_instance_without_listeners_ends_with_
     assert await reads_for(b, path, 3) == 0
     assert b.dropped("beyond_vault") == 1
     # The real version 2 is still evicted and read when it comes.
-    start = b.bus.received
-    await a.manager.set(path, {"v": "2"}, 1)
-    await received(b.bus, start + 1)
+    await written_by_a(a, b, path, 2)
     assert (await b.manager.get(path)).data == {"v": "2"}
     assert await reads_for(b, path, 3) == 0
 

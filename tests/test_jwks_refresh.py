@@ -25,6 +25,7 @@ from joserfc.jwk import ECKey, Key, RSAKey
 
 from service.auth import OIDCVerifier
 from service.errors import ConfigError
+from tests import test_auth
 from tests.support import bearer, running_service, service_settings, write_policy
 from tests.test_auth import (
     AUDIENCE,
@@ -32,11 +33,17 @@ from tests.test_auth import (
     NOW,
     Clock,
     FakeIssuer,
+    MakeVerifier,
     claims,
     count_signature_checks,
     rejection,
     sign,
 )
+
+# Fixtures of test_auth, used here as they are (each asks for this module's `issuer`).
+clock = test_auth.clock
+http = test_auth.http
+make_verifier = test_auth.make_verifier
 
 #: The shortest key lifetime an issuer's `Cache-Control: max-age` can impose (README).
 MAX_AGE_FLOOR = 5.0
@@ -81,35 +88,6 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
 @pytest.fixture
 def issuer(k1: RSAKey, k2: ECKey) -> FakeIssuer:
     return FakeIssuer([k1, k2])
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def http(issuer: FakeIssuer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(issuer.handle)) as client:
-        yield client
-
-
-MakeVerifier = Callable[..., Awaitable[OIDCVerifier]]
-
-
-@pytest.fixture
-async def make_verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[MakeVerifier]:
-    made: list[OIDCVerifier] = []
-
-    async def make(**options: Any) -> OIDCVerifier:
-        verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock, **options)
-        made.append(verifier)
-        await verifier.start()
-        return verifier
-
-    yield make
-    for verifier in made:
-        await verifier.aclose()
 
 
 # --- the scheduled refresh ------------------------------------------------------------------------

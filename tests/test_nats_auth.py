@@ -423,12 +423,15 @@ def tls_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsSer
         yield server, pki
 
 
+@pytest.mark.parametrize("tls_first", [False, True], ids=["greeted-first", "tls-first"])
 async def test_the_service_connects_over_mutual_tls_and_a_listener_follows_it(
     openbao: OpenBaoEndpoint,
     oidc: OidcIssuer,
     tls_nats: tuple[NatsServer, Pki],
     tmp_path: Path,
+    tls_first: bool,
 ) -> None:
+    # The servers answer both: TLS from the client's first byte, or after their greeting.
     server, pki = tls_nats
     settings = service_settings(
         openbao,
@@ -438,7 +441,9 @@ async def test_the_service_connects_over_mutual_tls_and_a_listener_follows_it(
         nats_tls_ca=pki.ca_file,
         nats_tls_cert=pki.service_cert,
         nats_tls_key=pki.service_key,
+        nats_tls_first=str(tls_first).lower(),
     )
+    assert settings.nats_tls_first is tls_first
     path = f"app/tls-{uuid.uuid4().hex[:8]}/db"
     async with running_service(settings) as svc:
         await svc.state.manager.set(path, {"password": "p1"}, 0)
@@ -450,6 +455,7 @@ async def test_the_service_connects_over_mutual_tls_and_a_listener_follows_it(
             tls_ca=pki.ca_file,
             tls_cert=pki.service_cert,  # any certificate of the CA: the user says who it is
             tls_key=pki.service_key,
+            tls_first=tls_first,
         ) as changes:
             change = await first_change(changes, path)
         assert change.version == 1
@@ -631,39 +637,3 @@ async def test_a_tls_first_client_never_sends_its_password_where_the_path_can_re
     assert SERVICE_PASSWORD.encode() not in proxy.from_client
     assert b"CONNECT" not in proxy.from_client
     assert proxy.from_client[:1] == b"\x16"  # a TLS handshake record from the first byte
-
-
-async def test_the_service_with_tls_first_serves_and_a_tls_first_listener_follows_it(
-    openbao: OpenBaoEndpoint,
-    oidc: OidcIssuer,
-    tls_nats: tuple[NatsServer, Pki],
-    tmp_path: Path,
-) -> None:
-    server, pki = tls_nats
-    settings = service_settings(
-        openbao,
-        url(server, "service", SERVICE_PASSWORD, scheme="tls"),
-        oidc,
-        write_policy(tmp_path),
-        nats_tls_ca=pki.ca_file,
-        nats_tls_cert=pki.service_cert,
-        nats_tls_key=pki.service_key,
-        nats_tls_first="true",
-    )
-    assert settings.nats_tls_first is True
-    path = f"app/tls-first-{uuid.uuid4().hex[:8]}/db"
-    async with running_service(settings) as svc:
-        await svc.state.manager.set(path, {"password": "p1"}, 0)
-        async with ChangeListener(
-            url(server, "listener", LISTENER_PASSWORD, scheme="tls"),
-            "app/**",
-            start_sequence=1,
-            connect_timeout=TIMEOUT,
-            tls_ca=pki.ca_file,
-            tls_cert=pki.service_cert,
-            tls_key=pki.service_key,
-            tls_first=True,
-        ) as changes:
-            change = await first_change(changes, path)
-        assert change.version == 1
-    assert "Violation" not in server_log(server)
