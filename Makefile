@@ -28,10 +28,10 @@ test: $(STAMP) lint typecheck
 
 # Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500
 # schemathesis examples); measured figures go to bench/results/reliability.jsonl.
-RELIABILITY_TESTS := tests/test_reliability_cluster.py tests/test_reliability_faults.py \
-	tests/test_hostile_tokens.py tests/test_hostile_input.py tests/test_schemathesis.py \
-	tests/test_jwks_refresh.py tests/test_vault_http.py tests/test_server.py tests/test_https.py \
-	tests/test_listing.py tests/test_bus_security.py tests/test_nats_auth.py
+RELIABILITY_TESTS := tests/reliability/test_reliability_cluster.py tests/reliability/test_reliability_faults.py \
+	tests/reliability/test_hostile_tokens.py tests/reliability/test_hostile_input.py tests/reliability/test_schemathesis.py \
+	tests/integration/test_jwks_refresh.py tests/integration/test_vault_http.py tests/integration/test_server.py tests/integration/test_https.py \
+	tests/integration/test_listing.py tests/integration/test_bus_security.py tests/integration/test_nats_auth.py
 reliability: $(STAMP)
 	rm -f bench/results/reliability.jsonl
 	RELIABILITY_FIGURES=bench/results/reliability.jsonl $(BIN)/pytest $(RELIABILITY_TESTS)

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--stock", action="store_true", help="uvicorn's own HTTP protocol")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from service.server import HttpProtocol
+    from service.http.protocol import HttpProtocol
 
     app = build(Path(args.body_file).read_bytes())
     # Server.run() picks uvloop and httptools ("auto"), like the service's own entry point.

@@ -31,11 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devstack import OpenBaoServer, start_nats_cluster  # noqa: E402
 from events.bus import EventBus  # noqa: E402
-from service.devstack import OpenBaoServer, start_nats_cluster  # noqa: E402
-from service.manager import SecretsManager  # noqa: E402
-from service.secret import SecretData  # noqa: E402
-from service.vault import HvacBackend  # noqa: E402
+from schemas.secret import SecretData  # noqa: E402
+from service.core.manager import SecretsManager  # noqa: E402
+from service.vault.backend import HvacBackend  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -125,9 +125,9 @@ def bench_memory(entries: int = 10_000) -> dict[str, float]:
     """Bytes per cached entry of a ~200-byte secret, data and encoded body included."""
     import tracemalloc
 
-    from service.cache import SecretCache
-    from service.manager import _compact
-    from service.secret import Secret
+    from schemas.secret import Secret
+    from service.core.cache import SecretCache
+    from service.core.manager import _compact
 
     cache = SecretCache(max_entries=entries * 2)
     tracemalloc.start()

@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from service.app import create_app  # noqa: E402
-from service.devstack import (  # noqa: E402
+from devstack import (  # noqa: E402
     DEV_POLICY_TOML,
     NatsServer,
     OpenBaoServer,
     configure_oidc,
 )
-from service.logs import configure_logging  # noqa: E402
+from service.http.app import create_app  # noqa: E402
+from service.obs.logs import configure_logging  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 

@@ -56,9 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from events.bus import EventBus  # noqa: E402
-from service.cli import DEV_SERVICE_POLICY  # noqa: E402
-from service.devstack import (  # noqa: E402
+from devstack import (  # noqa: E402
     DEV_POLICY_TOML,
     NatsServer,
     OpenBaoServer,
@@ -66,9 +64,11 @@ from service.devstack import (  # noqa: E402
     free_port,
     start_nats_cluster,
 )
-from service.manager import SecretsManager  # noqa: E402
-from service.secret import Secret, SecretData  # noqa: E402
-from service.vault import HvacBackend  # noqa: E402
+from events.bus import EventBus  # noqa: E402
+from schemas.secret import Secret, SecretData  # noqa: E402
+from service.cli import DEV_SERVICE_POLICY  # noqa: E402
+from service.core.manager import SecretsManager  # noqa: E402
+from service.vault.backend import HvacBackend  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.devstack import (  # noqa: E402
+from devstack import (  # noqa: E402
     DEV_POLICY_TOML,
     NatsServer,
     OpenBaoServer,

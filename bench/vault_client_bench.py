@@ -3,7 +3,7 @@ run, rounds interleaved (each round rotates the order of the clients).
 
 Clients, each with the same bound on calls in flight (`--concurrency`, the service's default):
 
-- `aiohttp`: `service.vault.HvacBackend` of this tree (aiohttp on the event loop);
+- `aiohttp`: `service.vault.backend.HvacBackend` of this tree (aiohttp on the event loop);
 - `legacy`: the `HvacBackend` of commit LEGACY_COMMIT, the last with the hand-written `VaultHttp`
   (httptools): its `service/vault.py` is taken with `git show` into a temporary directory at run
   time and imported from there. Benchmark-only: it answers an interim 1xx answer wrongly and is
@@ -47,8 +47,8 @@ import httpx  # noqa: E402
 import hvac  # noqa: E402
 import requests  # noqa: E402
 
-from service.devstack import OpenBaoServer  # noqa: E402
-from service.vault import HvacBackend  # noqa: E402
+from devstack import OpenBaoServer  # noqa: E402
+from service.vault.backend import HvacBackend  # noqa: E402
 
 LEGACY_COMMIT = "e0f1a61453464897dafc0d40a70cf3930df006ad"  # the last service/vault.py on httptools
 RESULTS = ROOT / "bench" / "results" / "vault_client.json"

@@ -29,6 +29,7 @@ from nats.js import api as js_api
 from nats.js.errors import Error as JsError
 
 from events.subjects import changed_subject, path_from_subject
+from schemas.errors import ConfigError
 from schemas.events import (
     ChangeEvent,
     LifecycleEvent,
@@ -37,9 +38,8 @@ from schemas.events import (
     event_decoder,
     event_encoder,
 )
-from service.errors import ConfigError
-from service.logs import redact_url
-from service.paths import is_valid_path
+from schemas.paths import is_valid_path
+from schemas.secret import redact_url
 
 __all__ = [
     "AUDIT_STREAM",
@@ -56,7 +56,6 @@ __all__ = [
     "describe_error",
     "ensure_stream",
     "is_telling",
-    "redact_url",
     "tls_context",
 ]
 

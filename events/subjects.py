@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 
-from service.errors import InvalidPath
-from service.paths import validate_path
-from service.policy import PathGlob
+from schemas.errors import InvalidPath
+from schemas.globs import PathGlob
+from schemas.paths import validate_path
 
 __all__ = [
     "changed_subject",

@@ -6,9 +6,40 @@ Every field added later gets a default, as for events.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
 
-__all__ = ["AuditRecord", "audit_decoder", "audit_encoder"]
+__all__ = [
+    "OPS",
+    "OUTCOMES",
+    "READ_OPS",
+    "AuditRecord",
+    "audit_decoder",
+    "audit_encoder",
+    "outcome_for",
+]
+
+READ_OPS = frozenset({"read", "list", "versions"})
+"""Ops that change nothing: audited, but a fail-closed audit log set to `writes` lets them by."""
+
+OPS = READ_OPS | {"write", "delete", "undelete", "destroy", "rollback", "other"}
+"""Every `op` of an audit record and of the `secrets_operations_total` metric."""
+
+_OUTCOME_BY_STATUS: Mapping[int, str] = {
+    400: "invalid", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+    409: "conflict", 413: "too_large", 422: "invalid_secret", 503: "unavailable",
+}  # fmt: skip
+
+OUTCOMES = frozenset({"ok", "error", *_OUTCOME_BY_STATUS.values()})
+"""Every `outcome` of an audit record, a log line and the metrics."""
+
+
+def outcome_for(status: int) -> str:
+    """The outcome an HTTP status stands for: `ok` below 400, `error` for a status not named."""
+    if status < 400:
+        return "ok"
+    return _OUTCOME_BY_STATUS.get(status, "error")
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):

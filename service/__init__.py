@@ -1,8 +1,6 @@
 """secrets-service: OIDC-authenticated, cached, event-driven access to Vault/OpenBao KV v2."""
 
-import typing as _typing
-
-from service.errors import (
+from schemas.errors import (
     BackendUnavailable,
     ConfigError,
     Forbidden,
@@ -17,24 +15,11 @@ from service.errors import (
     VaultUnavailable,
     VersionConflict,
 )
-from service.manager import SecretsManager
-from service.secret import Secret, SecretData
+from schemas.secret import Secret, SecretData
+from service.core.manager import SecretsManager
+from service.http.app import create_app
 from service.settings import Settings
-from service.vault import HvacBackend, VaultBackend
-
-if _typing.TYPE_CHECKING:
-    from service.app import create_app
-
-
-def __getattr__(name: str) -> _typing.Any:
-    # The app pulls in the events package, which imports service modules: loading it lazily
-    # lets `import events` come first without a cycle.
-    if name == "create_app":
-        from service.app import create_app
-
-        return create_app
-    raise AttributeError(f"module 'service' has no attribute {name!r}")
-
+from service.vault.backend import HvacBackend, VaultBackend
 
 __all__ = [
     "BackendUnavailable",

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING
 import httpx
 import uvicorn
 
-from service.app import create_app
-from service.errors import ConfigError
-from service.logs import configure_logging
-from service.policy import Policy
-from service.server import server_config
+from schemas.errors import ConfigError
+from service.auth.policy import Policy
+from service.core.validation import Validator
+from service.http.app import create_app
+from service.http.protocol import server_config
+from service.obs.logs import configure_logging
 from service.settings import Settings
-from service.validation import Validator
 
 if TYPE_CHECKING:
-    from service.devstack import OidcIssuer
+    from devstack import OidcIssuer
 
 __all__ = ["main"]
 
@@ -122,7 +122,7 @@ async def _signal_started(server: uvicorn.Server, started: asyncio.Event) -> Non
 
 
 def run_dev(*, port: int = 8080) -> int:
-    from service import devstack  # the dev stack pulls in test-server helpers; load on demand
+    import devstack  # the dev stack pulls in test-server helpers; load on demand
 
     configure_logging("WARNING")
     # uvicorn re-raises SIGTERM after its own shutdown; make that unwind through the `finally`

@@ -14,18 +14,16 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from service.errors import ConfigError
-from service.logs import redact_url
+from schemas.errors import ConfigError
+from schemas.secret import redact_url
+from service.auth.algorithms import DEFAULT_ALGORITHMS
 
-__all__ = ["ASYMMETRIC_ALGORITHMS", "Settings"]
+__all__ = ["Settings"]
 
 T = TypeVar("T")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Never `none`, never HS*: a symmetric algorithm would let a public key act as a shared secret.
-ASYMMETRIC_ALGORITHMS = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
-)  # fmt: skip
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,7 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_prefix: str = "secrets"
     nats_replicas: int = 1
-    oidc_algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
+    oidc_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     oidc_leeway: float = 30.0
     oidc_max_token_lifetime: float = 86400.0
     # Seconds between scheduled JWKS refetches: a withdrawn key is refused at most this late.
@@ -309,7 +307,7 @@ def _subject_token(v: Any) -> str:
 
 
 def _algorithms(v: Any) -> tuple[str, ...]:
-    allowed = ASYMMETRIC_ALGORITHMS
+    allowed = DEFAULT_ALGORITHMS
     algs = tuple(a.strip() for a in str(v).split(",") if a.strip())
     bad = [a for a in algs if a not in allowed]
     if bad or not algs:

@@ -14,15 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.api import SecretMetadata, VersionMetadata
+from schemas.errors import NotFound, VaultUnavailable, VersionConflict
 from schemas.events import ChangeEvent
-from service.errors import NotFound, VaultUnavailable, VersionConflict
-from service.secret import Secret, SecretData
+from schemas.secret import Secret, SecretData
 
 __all__ = ["FakeClock", "FakeVault", "RecordingSink", "eventually"]
 
 
 class FakeVault:
-    """KV v2 in memory, following the `service.vault.VaultBackend` protocol.
+    """KV v2 in memory, following the `service.vault.backend.VaultBackend` protocol.
 
     Versions start at 1. `write(path, data, cas)` succeeds only if `cas` is the current version
     (0: the path must not exist yet), else VersionConflict(current_version=...). Data is stored

@@ -17,13 +17,13 @@ import httpx
 import pytest
 import uvicorn
 
+from devstack import DEV_POLICY_TOML, free_port
 from events.bus import EventBus
-from service.app import create_app
-from service.devstack import DEV_POLICY_TOML, free_port
-from service.logs import JsonFormatter
-from service.server import HttpProtocol
+from service.http.app import create_app
+from service.http.protocol import HttpProtocol
+from service.obs.logs import JsonFormatter
 from service.settings import Settings
-from service.vault import VaultBackend
+from service.vault.backend import VaultBackend
 
 
 class _Server(uvicorn.Server):

@@ -1,0 +1,399 @@
+"""`secretsctl`: the command line client of the HTTP API, and `watch` on the change stream.
+
+Configured by environment only, so neither the token nor a value lands in shell history or in
+the process list; output is JSON, and the exit code says what went wrong (see `--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import IO, Any, NoReturn
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from schemas.errors import InvalidPath
+from schemas.paths import validate_path, validate_prefix
+from service.obs.logs import configure_logging
+
+__all__ = ["EXIT_CODES", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_FORBIDDEN = 5
+EXIT_UNAUTHENTICATED = 6
+EXIT_INVALID = 7
+EXIT_UNAVAILABLE = 8
+
+EXIT_CODES: Mapping[int, str] = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "any other error",
+    EXIT_USAGE: "usage error (bad arguments)",
+    EXIT_NOT_FOUND: "not found (404)",
+    EXIT_CONFLICT: "version conflict (409): the body on stderr holds current_version",
+    EXIT_FORBIDDEN: "forbidden (403): no grant for this path",
+    EXIT_UNAUTHENTICATED: "unauthenticated (401), or SECRETS_TOKEN not set",
+    EXIT_INVALID: "invalid input (400, 413, 422), checked locally or by the service",
+    EXIT_UNAVAILABLE: "service, Vault or NATS unavailable (503, connection failure, timeout)",
+}
+
+_BY_STATUS = {
+    400: EXIT_INVALID,
+    401: EXIT_UNAUTHENTICATED,
+    403: EXIT_FORBIDDEN,
+    404: EXIT_NOT_FOUND,
+    409: EXIT_CONFLICT,
+    413: EXIT_INVALID,
+    422: EXIT_INVALID,
+    502: EXIT_UNAVAILABLE,
+    503: EXIT_UNAVAILABLE,
+    504: EXIT_UNAVAILABLE,
+}
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+_EPILOG = (
+    f"""\
+environment:
+  SECRETS_URL          the service's base URL (default {DEFAULT_URL})
+  SECRETS_TOKEN        bearer token (JWT) for every command but watch
+  SECRETS_NATS_URL     NATS servers for watch, comma-separated (default {DEFAULT_NATS_URL})
+  SECRETS_NATS_PREFIX  subject prefix for watch (default secrets)
+  SECRETS_NATS_CREDS   NATS credentials file for watch (user and password may stand in the URL)
+  SECRETS_NATS_TLS_CA, SECRETS_NATS_TLS_CERT, SECRETS_NATS_TLS_KEY
+                       TLS to NATS for watch: CA bundle, client certificate and key
+  SECRETS_NATS_TLS_FIRST  true: TLS from the first byte (server: handshake_first)
+
+output:
+  stdout: the service's JSON answer (watch: one JSON object per line, per change)
+  stderr: JSON lines; on failure the last is {{"error", "detail", "status"?, ...}}
+
+exit codes:
+"""
+    + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
+    + """
+
+examples:
+  secretsctl get app/db
+  secretsctl put app/db --version 3 --file new.json      # or: ... < new.json
+  secretsctl versions app/db
+  secretsctl list app                                    # folders end in '/'
+  secretsctl delete app/db --versions 2,3                # default: the current version
+  secretsctl rollback app/db --to 2 --version 4
+  secretsctl watch 'app/**'
+"""
+)
+
+
+class _Failure(Exception):
+    def __init__(self, code: int, body: Mapping[str, Any]) -> None:
+        super().__init__(body.get("detail", ""))
+        self.code = code
+        self.body = body
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    sys.exit(run(argv, os.environ))
+
+
+def run(
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+    *,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run one command; return the exit code. Streams default to the process's own."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "watch":
+            return _watch(args, environ, stdout, stderr)
+        body = _dispatch(args, environ, stdin)
+    except _Failure as failure:
+        _print(stderr, failure.body, compact=True)
+        return failure.code
+    _print(stdout, body)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secretsctl",
+        description="Read, write and manage secrets through the secrets service.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per request (default 10)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    get = sub.add_parser("get", help="read the current (or a given) version")
+    get.add_argument("path")
+    get.add_argument("--version", type=_positive, help="read this version")
+
+    put = sub.add_parser(
+        "put",
+        help="write the next version (CAS); the value is a JSON object from --file or stdin",
+    )
+    put.add_argument("path")
+    put.add_argument(
+        "--version",
+        type=_nonnegative,
+        required=True,
+        help="the current version you last saw (0: the path must not exist yet)",
+    )
+    put.add_argument(
+        "--file", default="-", help="JSON file holding the value, an object ('-': stdin)"
+    )
+
+    versions = sub.add_parser("versions", help="version history: each version and its state")
+    versions.add_argument("path")
+
+    lst = sub.add_parser("list", help="keys under a prefix you may read; folders end in '/'")
+    lst.add_argument("prefix", nargs="?", default="", help="default: the top of the tree")
+
+    delete = sub.add_parser("delete", help="soft-delete the current version (or --versions)")
+    delete.add_argument("path")
+    delete.add_argument("--versions", type=_version_list, help="comma-separated, e.g. 1,2")
+
+    for name, text in (
+        ("undelete", "restore soft-deleted versions"),
+        ("destroy", "remove the data of versions for good (needs secrets:destroy)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("path")
+        cmd.add_argument(
+            "--versions", type=_version_list, required=True, help="comma-separated, e.g. 1,2"
+        )
+
+    rollback = sub.add_parser(
+        "rollback", help="write an earlier version's data as the next version (CAS)"
+    )
+    rollback.add_argument("path")
+    rollback.add_argument("--to", type=_positive, required=True, help="the version to restore")
+    rollback.add_argument(
+        "--version", type=_positive, required=True, help="the current version you last saw"
+    )
+
+    watch = sub.add_parser(
+        "watch",
+        help="print change events as JSON lines until interrupted (reads NATS directly)",
+    )
+    watch.add_argument(
+        "pattern", nargs="?", default="**", help="path glob, e.g. 'app/**' (default: all)"
+    )
+    watch.add_argument(
+        "--from-sequence",
+        type=_positive,
+        help="replay from this stream sequence (default: changes from now on)",
+    )
+    watch.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to reach NATS at the start (default 10); reconnects are retried forever",
+    )
+    return parser
+
+
+# -- HTTP commands -----------------------------------------------------------------------
+
+
+def _dispatch(args: argparse.Namespace, environ: Mapping[str, str], stdin: IO[str]) -> Any:
+    def call(method: str, url: str, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        return _call(environ, args.timeout, method, url, params, body)
+
+    command: str = args.command
+    if command == "list":
+        prefix = _checked(args.prefix, prefix=True)
+        return call("GET", f"/secrets/{prefix}:list" if prefix else "/secrets:list")
+    url = f"/secrets/{_checked(args.path)}"
+    if command == "get":
+        return call("GET", url, None if args.version is None else {"version": str(args.version)})
+    if command == "put":
+        return call(
+            "PATCH", url, body={"data": _read_value(args.file, stdin), "version": args.version}
+        )
+    if command == "versions":
+        return call("GET", f"{url}:versions")
+    if command == "delete":
+        versions = args.versions
+        return call("DELETE", url, None if versions is None else {"versions": _joined(versions)})
+    if command in ("undelete", "destroy"):
+        return call("POST", f"{url}:{command}", body={"versions": args.versions})
+    body = {"to_version": args.to, "version": args.version}
+    return call("POST", f"{url}:rollback", body=body)
+
+
+def _call(
+    environ: Mapping[str, str],
+    timeout: float,
+    method: str,
+    path: str,
+    params: dict[str, str] | None,
+    payload: Any,
+) -> Any:
+    token = environ.get("SECRETS_TOKEN", "").strip()
+    if not token:
+        _fail(EXIT_UNAUTHENTICATED, "missing_token", "set SECRETS_TOKEN to a bearer token")
+    base = environ.get("SECRETS_URL", "").strip() or DEFAULT_URL
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    try:
+        with httpx.Client(base_url=base, timeout=timeout, headers=headers) as client:
+            response = client.request(method, path, params=params, json=payload)
+    except httpx.TimeoutException:
+        _fail(EXIT_UNAVAILABLE, "timeout", f"no answer from {base} within {timeout}s")
+    except httpx.TransportError as exc:
+        _fail(EXIT_UNAVAILABLE, "unreachable", f"cannot reach {base}: {type(exc).__name__}")
+    except httpx.InvalidURL:
+        _fail(EXIT_USAGE, "invalid_url", "SECRETS_URL is not a valid http(s) URL")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_success:
+        return body
+    error: dict[str, Any] = dict(body) if isinstance(body, dict) else {"error": "http_error"}
+    error.setdefault("detail", response.reason_phrase)
+    error["status"] = response.status_code
+    raise _Failure(_BY_STATUS.get(response.status_code, EXIT_ERROR), error)
+
+
+def _checked(raw: str, *, prefix: bool = False) -> str:
+    """The path, checked here first: a `:` or `..` must never turn into another request."""
+    try:
+        (validate_prefix if prefix else validate_path)(raw)
+    except InvalidPath as exc:
+        _fail(EXIT_INVALID, exc.code, exc.detail)
+    return quote(raw, safe="/")
+
+
+def _read_value(source: str, stdin: IO[str]) -> dict[str, Any]:
+    if source == "-":
+        if stdin.isatty():
+            _fail(EXIT_USAGE, "usage", "pipe the JSON value on stdin, or give --file PATH")
+        text = stdin.read()
+        where = "stdin"
+    else:
+        where = source
+        try:
+            with open(source, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(EXIT_USAGE, "usage", f"cannot read {source!r}: {type(exc).__name__}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Position only: the text is a secret value.
+        _fail(EXIT_INVALID, "invalid_request", f"{where} is not JSON (line {exc.lineno})")
+    if not isinstance(value, dict):
+        _fail(EXIT_INVALID, "invalid_request", f"{where} must hold a JSON object of fields")
+    return value
+
+
+# -- watch -------------------------------------------------------------------------------
+
+
+def _watch(
+    args: argparse.Namespace, environ: Mapping[str, str], stdout: IO[str], stderr: IO[str]
+) -> int:
+    from events.listener import ChangeListener  # NATS is loaded only for watch
+
+    # Connection trouble is reported on stderr as JSON lines too, like everything else there.
+    configure_logging("WARNING", stderr)
+    servers = [
+        s.strip()
+        for s in (environ.get("SECRETS_NATS_URL") or DEFAULT_NATS_URL).split(",")
+        if s.strip()
+    ]
+    prefix = environ.get("SECRETS_NATS_PREFIX", "").strip() or "secrets"
+    try:
+        listener = ChangeListener(
+            servers,
+            args.pattern,
+            prefix=prefix,
+            start_sequence=args.from_sequence,
+            connect_timeout=args.connect_timeout,
+            name="secretsctl-watch",
+            # The same variables as the service's: user and password may stand in the URL.
+            credentials=environ.get("SECRETS_NATS_CREDS") or None,
+            tls_ca=environ.get("SECRETS_NATS_TLS_CA") or None,
+            tls_cert=environ.get("SECRETS_NATS_TLS_CERT") or None,
+            tls_key=environ.get("SECRETS_NATS_TLS_KEY") or None,
+            tls_first=environ.get("SECRETS_NATS_TLS_FIRST", "").strip().lower()
+            in ("1", "true", "yes", "on"),
+        )
+    except ValueError as exc:
+        _print(stderr, {"error": "invalid_request", "detail": str(exc)}, compact=True)
+        return EXIT_INVALID
+
+    async def stream() -> None:
+        async with listener as changes:
+            start = {"watching": args.pattern, "from_sequence": listener.last_sequence + 1}
+            _print(stderr, start, compact=True)
+            async for change in changes:
+                event = msgspec.to_builtins(change.event)
+                _print(stdout, {"sequence": change.sequence, **event}, compact=True)
+
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK  # the reader went away (`| head`)
+    except ConnectionError as exc:
+        _print(stderr, {"error": "unavailable", "detail": str(exc)}, compact=True)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _fail(code: int, error: str, detail: str) -> NoReturn:
+    raise _Failure(code, {"error": error, "detail": detail})
+
+
+def _print(stream: IO[str], value: Any, *, compact: bool = False) -> None:
+    text = json.dumps(value, separators=(",", ":")) if compact else json.dumps(value, indent=2)
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _positive(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return int(raw)
+
+
+def _nonnegative(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError("must be an integer >= 0")
+    return int(raw)
+
+
+def _version_list(raw: str) -> list[int]:
+    return [_positive(part.strip()) for part in raw.split(",")]
+
+
+def _joined(versions: Sequence[int]) -> str:
+    return ",".join(str(v) for v in versions)
+
+
+if __name__ == "__main__":
+    main()

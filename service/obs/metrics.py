@@ -1,0 +1,251 @@
+"""Prometheus metrics. Every label value comes from a closed set: never a path or a subject.
+
+Series moved off the request path (Vault calls, event lag, auth failures) are
+prometheus-client objects. What every request moves (operations and their latency) and the
+counters bumped on the hot path of other modules (cache hits and misses, events, listener
+errors, CAS conflicts, validation failures, audit records) are plain numbers, read by
+collectors at scrape time: no lock per request (`Counter.inc` and `Histogram.observe` take one
+each; measured: 1.1 µs a request, against 0.3 µs for these).
+
+    secrets_operations_total{op,outcome}         secrets_operation_seconds{op}
+    secrets_auth_failures_total{reason}          secrets_validation_failures_total{rule}
+    secrets_cache_hits_total / _misses_total / _evictions_total, secrets_cache_entries
+    secrets_cas_conflicts_total                  secrets_listener_errors_total
+    secrets_vault_request_seconds{op}            secrets_vault_errors_total{op,error}
+    secrets_events_published_total               secrets_events_received_total
+    secrets_events_failed_total{stage}           secrets_event_lag_seconds
+    secrets_events_dropped_total{reason}         secrets_events_unconfirmed
+    secrets_listings_truncated_total
+    secrets_audit_records_total{sink,result}     secrets_audit_dropped_total{reason}
+    secrets_audit_refused_total                  secrets_audit_healthy
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from events.bus import DROP_REASONS
+from schemas.audit import OPS, OUTCOMES
+
+if TYPE_CHECKING:
+    from events.bus import EventBus
+    from service.audit.log import AuditLog
+    from service.core.manager import SecretsManager
+
+__all__ = ["VAULT_ERRORS", "VAULT_OPS", "Metrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BUCKET_LABELS = tuple(repr(float(bound)) for bound in _LATENCY_BUCKETS)  # as `le` shows them
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+VAULT_OPS = frozenset(
+    {"login", "read", "write", "metadata", "list", "delete", "undelete", "destroy", "ping", "other"}
+)
+VAULT_ERRORS = frozenset({"timeout", "denied", "unavailable"})
+
+
+class Metrics:
+    """One set of series per app, in its own registry (tests build many apps in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # (op, outcome) -> count, and op -> latency histogram; exported by _OperationCollector.
+        self.operations: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, _Timings] = {}
+        r.register(_OperationCollector(self))
+        self.auth_failures = Counter(
+            "secrets_auth_failures_total", "Authentication failures by reason", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.vault_latency = Histogram(
+            "secrets_vault_request_seconds", "Vault call latency by op", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.vault_errors = Counter(
+            "secrets_vault_errors_total", "Failed Vault calls by op and error", ["op", "error"],
+            registry=r,
+        )  # fmt: skip
+        self.event_lag = Histogram(
+            "secrets_event_lag_seconds", "From a change event's time to its receipt here",
+            buckets=_LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._collector: _StateCollector | None = None
+        self.listings_truncated = 0  # listings whose walk ran out of its budget (a plain int)
+
+    def observe_operation(self, op: str, outcome: str, seconds: float) -> None:
+        if op not in OPS:
+            op = "other"
+        if outcome not in OUTCOMES:
+            outcome = "error"
+        key = (op, outcome)
+        self.operations[key] = self.operations.get(key, 0) + 1
+        timings = self.latency.get(op)
+        if timings is None:
+            timings = self.latency[op] = _Timings()
+        timings.counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        timings.total += seconds
+
+    def observe_vault(self, op: str, seconds: float, error: str | None) -> None:
+        """A `service.vault.backend.CallObserver`."""
+        op = op if op in VAULT_OPS else "other"
+        self.vault_latency.labels(op).observe(seconds)
+        if error is not None:
+            self.vault_errors.labels(op, error if error in VAULT_ERRORS else "unavailable").inc()
+
+    def bind(
+        self,
+        *,
+        manager: SecretsManager,
+        bus: EventBus | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
+        """Read the plain counters of these objects at each scrape (once per app)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = _StateCollector(manager, bus, audit)
+        self.registry.register(self._collector)
+        if bus is not None:
+            bus.lag_observer = self.event_lag.observe
+
+
+class _Timings:
+    """A latency histogram as plain numbers: a count per bucket (the last is +Inf) and a sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+
+class _OperationCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        # Copied first: a scrape on the metrics port runs in another thread than the requests.
+        operations = CounterMetricFamily(
+            "secrets_operations", "Secret operations by op and outcome", labels=["op", "outcome"]
+        )
+        for (op, outcome), count in list(self.metrics.operations.items()):
+            operations.add_metric([op, outcome], count)
+        yield operations
+        latency = HistogramMetricFamily(
+            "secrets_operation_seconds", "Operation latency by op", labels=["op"]
+        )
+        for op, timings in list(self.metrics.latency.items()):
+            counts, total = list(timings.counts), timings.total
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(le, cumulative[i]) for i, le in enumerate(_BUCKET_LABELS)]
+            buckets.append(("+Inf", cumulative[-1]))
+            latency.add_metric([op], buckets, total)
+        yield latency
+        yield _counter(
+            "secrets_listings_truncated",
+            "Listings that hid folders left undecided when their budget of LIST calls ran out",
+            self.metrics.listings_truncated,
+        )
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, manager: SecretsManager, bus: EventBus | None, audit: AuditLog | None
+    ) -> None:
+        self.manager = manager
+        self.bus = bus
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.manager.cache
+        yield _counter("secrets_cache_hits", "Reads served from the cache", cache.hits)
+        yield _counter("secrets_cache_misses", "Reads the cache could not serve", cache.misses)
+        yield _counter("secrets_cache_evictions", "Entries dropped from the cache", cache.evictions)
+        yield GaugeMetricFamily("secrets_cache_entries", "Entries in the cache", len(cache))
+        yield _counter(
+            "secrets_cas_conflicts", "Writes refused: stale version", self.manager.cas_conflicts
+        )
+        yield _counter(
+            "secrets_listener_errors",
+            "Listener callbacks that raised",
+            self.manager.listener_errors,
+        )
+        yield _labelled(
+            "secrets_validation_failures",
+            "Validation violations by rule",
+            "rule",
+            self.manager.validator.failures,
+        )
+        if self.bus is not None:
+            bus = self.bus
+            yield _counter("secrets_events_published", "Change events published", bus.published)
+            yield _counter("secrets_events_received", "Change events received", bus.received)
+            yield _labelled(
+                "secrets_events_failed",
+                "Change events that could not be published",
+                "stage",
+                {"publish": bus.publish_failures},
+            )
+            # The bus drops what does not decode or match its subject; the manager what Vault
+            # does not confirm. Every reason is shown, at 0 until it happens.
+            yield GaugeMetricFamily(
+                "secrets_events_unconfirmed",
+                "Paths whose newest version is known from an event only, not yet from Vault",
+                self.manager.unconfirmed_claims,
+            )
+            manager_drops = self.manager.events_dropped
+            yield _labelled(
+                "secrets_events_dropped",
+                "Change events dropped, by reason",
+                "reason",
+                {r: bus.dropped.get(r, 0) + manager_drops.get(r, 0) for r in DROP_REASONS},
+            )
+        if self.audit is not None:
+            audit = self.audit
+            family = CounterMetricFamily(
+                "secrets_audit_records",
+                "Audit records by sink and result",
+                labels=["sink", "result"],
+            )
+            for sink, count in list(audit.written.items()):
+                family.add_metric([sink, "written"], count)
+            for sink, count in list(audit.failed.items()):
+                family.add_metric([sink, "failed"], count)
+            yield family
+            yield _labelled(
+                "secrets_audit_dropped",
+                "Audit records dropped: queue full, or unauthenticated requests beyond their share",
+                "reason",
+                {"queue_full": audit.dropped, "unauthenticated_flood": audit.noise_dropped},
+            )
+            yield _counter(
+                "secrets_audit_refused", "Requests refused: no audit sink working", audit.refused
+            )
+            yield GaugeMetricFamily(
+                "secrets_audit_healthy", "1 while an audit sink is working", int(audit.healthy)
+            )
+
+
+def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled(
+    name: str, documentation: str, label: str, values: Mapping[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in list(values.items()):
+        family.add_metric([key], value)
+    return family

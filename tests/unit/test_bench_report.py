@@ -1,0 +1,47 @@
+"""bench/run.py's reporting: paired per-round ratios, goals and the markdown table, computed from
+the committed results (bench/results/latest.json) and from rounds made up here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import run as bench  # noqa: E402
+
+
+def reads(**targets: list[float]) -> dict[str, Any]:
+    return {
+        name: {"requests_per_s": sorted(rates)[len(rates) // 2], "rounds": [
+            {"requests_per_s": rate} for rate in rates
+        ]}
+        for name, rates in targets.items()
+    }  # fmt: skip
+
+
+def test_the_ratio_is_the_median_of_each_round_s_own_ratio() -> None:
+    # Round 2 ran while the machine was busy for both targets: pairing cancels it out.
+    r = reads(service_cached=[20_000, 10_000, 21_000], openbao=[3_000, 1_500, 3_000])
+    assert round(bench.paired_ratio(r, "service_cached", "openbao"), 3) == 6.667
+    # The ratio of the medians would mix rounds: 18,000 / 3,500 = 5.14 here.
+    r = reads(service_cached=[12_000, 21_000, 18_000], openbao=[2_000, 3_500, 4_000])
+    assert bench.paired_ratio(r, "service_cached", "openbao") == 6.0
+
+
+def test_goals_and_markdown_from_the_committed_results() -> None:
+    result = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    goals = bench.goals(result)
+    assert set(goals) == set(bench.GOALS)
+    for goal in goals.values():
+        assert isinstance(goal["met"], bool) and goal["goal"].split()[0] in (">=", "<=")
+    ratios = result["http_reads"]
+    assert goals["cached_vs_openbao_throughput"]["measured"] == round(
+        bench.paired_ratio(ratios, "service_cached", "openbao"), 3
+    )
+    table = bench.markdown(result)
+    assert "| cached read throughput / OpenBao's | >= 6 |" in table
+    assert "Req/s per round" in table and "bare_stock_uvicorn" in table
