@@ -25,8 +25,8 @@ from joserfc.jwk import ECKey, Key, RSAKey
 
 from schemas.errors import ConfigError
 from service.auth.oidc import OIDCVerifier
-from tests.unit import test_auth
 from tests.support import bearer, running_service, service_settings, write_policy
+from tests.unit import test_auth
 from tests.unit.test_auth import (
     AUDIENCE,
     ISSUER,
