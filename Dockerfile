@@ -2,10 +2,14 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md NOTICE ./
-COPY service ./service
-COPY events ./events
+COPY client ./client
 COPY schemas ./schemas
-RUN pip install --no-cache-dir --prefix=/install .
+COPY events ./events
+COPY secrets_client ./secrets_client
+COPY service ./service
+# Two wheels: secrets-client (schemas, events, secrets_client) and the service built on it. The
+# dev harness (devstack/) and the tests are not copied: no launcher ships in the image.
+RUN pip install --no-cache-dir --prefix=/install ./client .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

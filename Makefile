@@ -5,10 +5,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install dev test lint typecheck bench bench-cache bench-vault reliability soak clean
 
-$(STAMP): pyproject.toml
+# Two distributions from this checkout: secrets-client (client/: schemas, events, secrets_client)
+# and secrets-service (the service, which depends on it). devstack/ is importable from here only.
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -16,9 +18,13 @@ install: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/secrets-service dev
 
+SOURCES := service events schemas secrets_client devstack tests bench
+
+# ruff, then the layer rules of pyproject.toml's [tool.importlinter] (import-linter).
 lint: $(STAMP)
-	$(BIN)/ruff check service events schemas tests
-	$(BIN)/ruff format --check service events schemas tests
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

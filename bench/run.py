@@ -64,9 +64,9 @@ from devstack import (  # noqa: E402
     free_port,
     start_nats_cluster,
 )
+from devstack.stack import DEV_SERVICE_POLICY  # noqa: E402
 from events.bus import EventBus  # noqa: E402
 from schemas.secret import Secret, SecretData  # noqa: E402
-from service.cli import DEV_SERVICE_POLICY  # noqa: E402
 from service.core.manager import SecretsManager  # noqa: E402
 from service.vault.backend import HvacBackend  # noqa: E402
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, Any, NoReturn
-from urllib.parse import quote
 
-import httpx
 import msgspec
 
-from schemas.errors import InvalidPath
-from schemas.paths import validate_path, validate_prefix
-from service.obs.logs import configure_logging
+from secrets_client.client import DEFAULT_URL, ClientError, SecretsClient, secret_url
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -59,7 +56,6 @@ _BY_STATUS = {
     504: EXIT_UNAVAILABLE,
 }
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 _EPILOG = (
@@ -215,72 +211,48 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace, environ: Mapping[str, str], stdin: IO[str]) -> Any:
-    def call(method: str, url: str, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        return _call(environ, args.timeout, method, url, params, body)
-
-    command: str = args.command
-    if command == "list":
-        prefix = _checked(args.prefix, prefix=True)
-        return call("GET", f"/secrets/{prefix}:list" if prefix else "/secrets:list")
-    url = f"/secrets/{_checked(args.path)}"
-    if command == "get":
-        return call("GET", url, None if args.version is None else {"version": str(args.version)})
-    if command == "put":
-        return call(
-            "PATCH", url, body={"data": _read_value(args.file, stdin), "version": args.version}
-        )
-    if command == "versions":
-        return call("GET", f"{url}:versions")
-    if command == "delete":
-        versions = args.versions
-        return call("DELETE", url, None if versions is None else {"versions": _joined(versions)})
-    if command in ("undelete", "destroy"):
-        return call("POST", f"{url}:{command}", body={"versions": args.versions})
-    body = {"to_version": args.to, "version": args.version}
-    return call("POST", f"{url}:rollback", body=body)
-
-
-def _call(
-    environ: Mapping[str, str],
-    timeout: float,
-    method: str,
-    path: str,
-    params: dict[str, str] | None,
-    payload: Any,
-) -> Any:
     token = environ.get("SECRETS_TOKEN", "").strip()
     if not token:
         _fail(EXIT_UNAUTHENTICATED, "missing_token", "set SECRETS_TOKEN to a bearer token")
-    base = environ.get("SECRETS_URL", "").strip() or DEFAULT_URL
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    url = environ.get("SECRETS_URL", "").strip() or DEFAULT_URL
     try:
-        with httpx.Client(base_url=base, timeout=timeout, headers=headers) as client:
-            response = client.request(method, path, params=params, json=payload)
-    except httpx.TimeoutException:
-        _fail(EXIT_UNAVAILABLE, "timeout", f"no answer from {base} within {timeout}s")
-    except httpx.TransportError as exc:
-        _fail(EXIT_UNAVAILABLE, "unreachable", f"cannot reach {base}: {type(exc).__name__}")
-    except httpx.InvalidURL:
-        _fail(EXIT_USAGE, "invalid_url", "SECRETS_URL is not a valid http(s) URL")
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.is_success:
-        return body
-    error: dict[str, Any] = dict(body) if isinstance(body, dict) else {"error": "http_error"}
-    error.setdefault("detail", response.reason_phrase)
-    error["status"] = response.status_code
-    raise _Failure(_BY_STATUS.get(response.status_code, EXIT_ERROR), error)
+        with SecretsClient(url, token=token, timeout=args.timeout) as client:
+            return _command(client, args, stdin)
+    except ClientError as exc:
+        raise _Failure(_exit_code(exc), exc.body) from None
 
 
-def _checked(raw: str, *, prefix: bool = False) -> str:
-    """The path, checked here first: a `:` or `..` must never turn into another request."""
-    try:
-        (validate_prefix if prefix else validate_path)(raw)
-    except InvalidPath as exc:
-        _fail(EXIT_INVALID, exc.code, exc.detail)
-    return quote(raw, safe="/")
+def _command(client: SecretsClient, args: argparse.Namespace, stdin: IO[str]) -> Any:
+    """The API's answer to one command, as it gave it."""
+    command: str = args.command
+    if command == "list":
+        return client.list(args.prefix)
+    path: str = args.path
+    if command == "get":
+        version = None if args.version is None else {"version": str(args.version)}
+        return client.request("GET", secret_url(path), params=version)
+    if command == "put":
+        body = {"data": _read_value(args.file, stdin), "version": args.version}
+        return client.request("PATCH", secret_url(path), json=body)
+    if command == "versions":
+        return client.versions(path)
+    if command == "delete":
+        return client.delete(path, args.versions)
+    if command == "undelete":
+        return client.undelete(path, args.versions)
+    if command == "destroy":
+        return client.destroy(path, args.versions)
+    return client.rollback(path, args.to, version=args.version)
+
+
+def _exit_code(exc: ClientError) -> int:
+    if exc.status:
+        return _BY_STATUS.get(exc.status, EXIT_ERROR)
+    if exc.error in ("timeout", "unreachable"):
+        return EXIT_UNAVAILABLE
+    if exc.error == "invalid_url":
+        return EXIT_USAGE
+    return EXIT_INVALID  # the path, checked here before any request
 
 
 def _read_value(source: str, stdin: IO[str]) -> dict[str, Any]:
@@ -315,7 +287,7 @@ def _watch(
     from events.listener import ChangeListener  # NATS is loaded only for watch
 
     # Connection trouble is reported on stderr as JSON lines too, like everything else there.
-    configure_logging("WARNING", stderr)
+    _log_json_lines(stderr)
     servers = [
         s.strip()
         for s in (environ.get("SECRETS_NATS_URL") or DEFAULT_NATS_URL).split(",")
@@ -365,6 +337,24 @@ def _watch(
 # -- helpers -----------------------------------------------------------------------------
 
 
+class _JsonLines(logging.Formatter):
+    """A log record as one JSON object: level, logger, message (never an exception's text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            line["exc_type"] = record.exc_info[0].__name__
+        return json.dumps(line, separators=(",", ":"))
+
+
+def _log_json_lines(stream: IO[str]) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def _fail(code: int, error: str, detail: str) -> NoReturn:
     raise _Failure(code, {"error": error, "detail": detail})
 
@@ -389,10 +379,6 @@ def _nonnegative(raw: str) -> int:
 
 def _version_list(raw: str) -> list[int]:
     return [_positive(part.strip()) for part in raw.split(",")]
-
-
-def _joined(versions: Sequence[int]) -> str:
-    return ",".join(str(v) for v in versions)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from schemas.secret import Secret, SecretData
 from service.core.manager import SecretsManager
 from service.http.app import create_app
 from service.settings import Settings
-from service.vault.backend import HvacBackend, VaultBackend
+from service.vault import HvacBackend, VaultBackend
 
 __all__ = [
     "BackendUnavailable",

@@ -1,4 +1,5 @@
-"""In-memory fakes for unit tests: KV v2 behind the VaultBackend seam, an event sink, a clock.
+"""Fakes at the seams, each checked against its protocol at the end: KV v2 in memory and a spy
+(VaultBackend), an event sink, a bus handler, an audit publisher; and a clock.
 
 No server, no thread, no network: each fake records what it was asked so tests can count calls.
 """
@@ -11,18 +12,33 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.api import SecretMetadata, VersionMetadata
+from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import NotFound, VaultUnavailable, VersionConflict
-from schemas.events import ChangeEvent
+from schemas.events import ChangeEvent, LifecycleEvent
 from schemas.secret import Secret, SecretData
 
-__all__ = ["FakeClock", "FakeVault", "RecordingSink", "eventually"]
+if TYPE_CHECKING:
+    from events.bus import ChangeHandler
+    from service.audit.log import AuditPublisher
+    from service.core import EventSink
+    from service.vault import VaultBackend
+
+__all__ = [
+    "FakeClock",
+    "FakePublisher",
+    "FakeVault",
+    "RecordingHandler",
+    "RecordingSink",
+    "SpyBackend",
+    "eventually",
+]
 
 
 class FakeVault:
-    """KV v2 in memory, following the `service.vault.backend.VaultBackend` protocol.
+    """KV v2 in memory, following the `service.vault.VaultBackend` protocol.
 
     Versions start at 1. `write(path, data, cas)` succeeds only if `cas` is the current version
     (0: the path must not exist yet), else VersionConflict(current_version=...). Data is stored
@@ -198,6 +214,53 @@ class FakeVault:
         return secret
 
 
+class SpyBackend:
+    """Another VaultBackend (the real one, in integration tests) with every path it was asked
+    about recorded, in order."""
+
+    def __init__(self, inner: VaultBackend) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+
+    async def read(self, path: str, version: int | None = None) -> Secret:
+        self.paths.append(path)
+        return await self.inner.read(path, version)
+
+    async def write(self, path: str, data: Mapping[str, Any], cas: int) -> Secret:
+        self.paths.append(path)
+        return await self.inner.write(path, data, cas)
+
+    async def current_version(self, path: str) -> int:
+        self.paths.append(path)
+        return await self.inner.current_version(path)
+
+    async def read_metadata(self, path: str) -> SecretMetadata:
+        self.paths.append(path)
+        return await self.inner.read_metadata(path)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        self.paths.append(prefix)
+        return await self.inner.list_keys(prefix)
+
+    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.delete_versions(path, versions)
+
+    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.undelete_versions(path, versions)
+
+    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
+        self.paths.append(path)
+        await self.inner.destroy_versions(path, versions)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class RecordingSink:
     """An EventSink that keeps every event published, in order."""
 
@@ -206,6 +269,52 @@ class RecordingSink:
 
     def publish(self, event: ChangeEvent) -> None:
         self.events.append(event)
+
+
+class FakePublisher:
+    """An AuditPublisher (the NATS side of the audit log): keeps what it was given; `ok = False`
+    makes it refuse."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.connected = True
+        self.delay = 0.0
+        self.published: list[tuple[str, bytes]] = []
+        self.acknowledged: list[bool] = []
+
+    async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
+        self.acknowledged.append(acknowledged)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.ok:
+            self.published.append((op, payload))
+        return self.ok
+
+    def records(self) -> list[AuditRecord]:
+        """What was published, record by record: a payload holds one or more, a line each."""
+        return [
+            audit_decoder.decode(line) for _, data in self.published for line in data.split(b"\n")
+        ]
+
+
+class RecordingHandler:
+    """A ChangeHandler (what the bus drives, the manager's place) that keeps what it was handed,
+    in order: `calls` every event, `changes` the (path, version) of each apply_change."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.changes: list[tuple[str, int]] = []
+
+    def apply_change(self, path: str, version: int) -> None:
+        self.calls.append(("change", (path, version)))
+        self.changes.append((path, version))
+
+    def apply_lifecycle(self, event: LifecycleEvent) -> None:
+        self.calls.append(("lifecycle", event))
+
+    def bus_down(self) -> None: ...
+
+    def bus_up(self, *, replayed: bool = False) -> None: ...
 
 
 class FakeClock:
@@ -230,3 +339,13 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {timeout}s")
         await asyncio.sleep(interval)
+
+
+if TYPE_CHECKING:
+    # mypy proves each fake stands in for the protocol it replaces (tests are type-checked,
+    # strict): a method missing or with another signature fails the check before a test runs.
+    _vault: VaultBackend = FakeVault()
+    _spy: VaultBackend = SpyBackend(FakeVault())
+    _sink: EventSink = RecordingSink()
+    _handler: ChangeHandler = RecordingHandler()
+    _publisher: AuditPublisher = FakePublisher()

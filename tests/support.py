@@ -23,7 +23,7 @@ from service.http.app import create_app
 from service.http.protocol import HttpProtocol
 from service.obs.logs import JsonFormatter
 from service.settings import Settings
-from service.vault.backend import VaultBackend
+from service.vault.protocol import VaultBackend
 
 
 class _Server(uvicorn.Server):
@@ -135,6 +135,25 @@ class LogCapture:
 
     def lines(self) -> list[str]:
         return self.text.splitlines()
+
+
+async def raw_request(url: str, method: str, target: bytes, token: str, body: bytes) -> int:
+    """Send a request line exactly as given (no client normalises it); return the status."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            method.encode() + b" " + target + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        await reader.read()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
 
 
 def bearer(token: str) -> Mapping[str, str]:

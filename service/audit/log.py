@@ -1,67 +1,23 @@
-"""The audit trail: one record for every secret access and change, allowed or denied.
-
-Records go to a line sink (SECRETS_AUDIT_SINK: JSON lines on stdout or appended to a file) and
-to NATS on `<prefix>.audit.<op>`, stored in the JetStream stream SECRETS_AUDIT. Each sink is an
-audit device in Vault's sense: a record is recorded once *any* of them accepted it.
-
-Off the hot path: a record is encoded and queued, and one background task writes what gathered
-every 50 ms (sooner when a batch fills): one write to the line sink per batch, and a plain NATS
-publish per run of records of one op (JSON lines, one object per line, up to 64 KiB a
-message), without waiting for JetStream's acknowledgement. A read pays for building a small
-struct (its time formatted cheaply, `service.timestamps`), encoding it and a list append; a
-queued record is bytes, which the garbage collector never tracks. What
-SECRETS_AUDIT_FAIL_CLOSED covers (`writes` by default, `all`, or `none`) is confirmed instead,
-each record on its own (one record per NATS message), JetStream's acknowledgement included:
-
-- before the operation, a covered request is refused with 503 when every sink is known to be
-  failing (the last write to it failed, NATS is disconnected, or the queue overflowed), so
-  Vault is not even asked;
-- after it, the response is held until a sink has accepted the record; if none does, the
-  client gets 503 in place of the answer. As with Vault's audit devices, a write may then have
-  happened although the client saw an error: writes are check-and-set, so a retry with the same
-  version answers 409 rather than writing twice.
-
-A line sink on a regular file takes a confirmed record from the event loop itself (a few µs;
-the record is the OS's once `write` returned); a pipe or a terminal, whose writes can block,
-from a worker thread, as do batches.
-
-Records of requests refused at authentication (outcome `unauthenticated`: nobody verified) are
-noise anyone can make: they may take at most a quarter of the queue at once, and beyond that are
-dropped and counted apart (`noise_dropped`), never marking the queue overflowed. A flood of 401s
-can then neither crowd out nor refuse the records of authenticated requests.
-
-`writes` is the default because a change that nobody can trace is worse than a change refused,
-while refusing reads whenever the log hiccups would make the audit log the availability bottle
-neck of every consumer (reads are still audited, best effort, and counted when dropped). `all`
-is for deployments where every read of a secret must be provably on record.
-"""
+"""The audit trail: `AuditLog` queues a record for every secret access and change, allowed or
+denied, writes it to the line sink and to NATS, and refuses (fail-closed) when none can take it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
-import stat
-import sys
-import threading
 from collections.abc import Coroutine
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio import to_thread
 
 from schemas.audit import OPS, READ_OPS, AuditRecord, audit_encoder
-from schemas.errors import AuditUnavailable, ConfigError
+from schemas.errors import AuditUnavailable
+from service.audit.sinks import LineSink
 from service.timestamps import utc_now
 
-__all__ = [
-    "DROP_REASONS",
-    "FAIL_CLOSED_MODES",
-    "AuditLog",
-    "AuditPublisher",
-    "LineSink",
-]
+__all__ = ["DROP_REASONS", "FAIL_CLOSED_MODES", "AuditLog", "AuditPublisher"]
 
 log = logging.getLogger("secrets.audit")
 
@@ -92,81 +48,46 @@ class AuditPublisher(Protocol):
     ) -> bool: ...
 
 
-class LineSink:
-    """JSON lines to a binary stream, flushed after each write. One write at a time: a line is
-    never split by another write, whichever thread makes it.
-
-    Without a stream it writes to whatever `sys.stdout` is at the time.
-    """
-
-    def __init__(self, stream: BinaryIO | None, name: str, *, owned: bool = False) -> None:
-        self.stream = stream
-        self.name = name  # "stdout" or "file": a metric label
-        self._owned = owned
-        self._lock = threading.Lock()
-        self._regular = _is_regular(stream) if stream is not None else None
-
-    @classmethod
-    def open(cls, spec: str) -> LineSink | None:
-        """`stdout`, `file:<path>` (appended to, created 0600) or `none` (None)."""
-        if spec == "none":
-            return None
-        if spec == "stdout":
-            return cls(None, "stdout")
-        path = spec.removeprefix("file:")
-        try:
-            fd = _open_append(path)
-        except OSError as exc:
-            raise ConfigError(
-                "SECRETS_AUDIT_SINK", f"cannot open {path!r}: {exc.strerror}"
-            ) from None
-        return cls(fd, "file", owned=True)
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._write(data)
-
-    def try_write_now(self, data: bytes) -> bool:
-        """Write `data` if that cannot block: the stream is a regular file and no other write is
-        under way (a batch from the worker thread). True once written, False if not tried;
-        raises as `write` does."""
-        regular = self._regular if self._regular is not None else _is_regular(None)
-        if not regular or not self._lock.acquire(blocking=False):
-            return False
-        try:
-            self._write(data)
-        finally:
-            self._lock.release()
-        return True
-
-    def _write(self, data: bytes) -> None:
-        stream = self.stream if self.stream is not None else sys.stdout.buffer
-        stream.write(data)
-        stream.flush()
-
-    def close(self) -> None:
-        if self._owned and self.stream is not None:
-            with contextlib.suppress(OSError):
-                self.stream.close()
-
-
-def _open_append(path: str) -> BinaryIO:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    return os.fdopen(fd, "ab")
-
-
-def _is_regular(stream: BinaryIO | None) -> bool:
-    """Whether `stream` (None: stdout as it is now) is a regular file: a write to it never
-    waits for a reader."""
-    try:
-        fd = (stream if stream is not None else sys.stdout.buffer).fileno()
-        return stat.S_ISREG(os.fstat(fd).st_mode)
-    except (OSError, ValueError, AttributeError):  # no descriptor (io.UnsupportedOperation)
-        return False
-
-
 class AuditLog:
-    """Queues, writes and confirms audit records; knows whether any sink is working."""
+    """Queues, writes and confirms audit records; knows whether any sink is working.
+
+    One record for every secret access and change, allowed or denied.
+
+    Records go to a line sink (SECRETS_AUDIT_SINK: JSON lines on stdout or appended to a file) and
+    to NATS on `<prefix>.audit.<op>`, stored in the JetStream stream SECRETS_AUDIT. Each sink is an
+    audit device in Vault's sense: a record is recorded once *any* of them accepted it.
+
+    Off the hot path: a record is encoded and queued, and one background task writes what gathered
+    every 50 ms (sooner when a batch fills): one write to the line sink per batch, and a plain NATS
+    publish per run of records of one op (JSON lines, one object per line, up to 64 KiB a
+    message), without waiting for JetStream's acknowledgement. A read pays for building a small
+    struct (its time formatted cheaply, `service.timestamps`), encoding it and a list append; a
+    queued record is bytes, which the garbage collector never tracks. What
+    SECRETS_AUDIT_FAIL_CLOSED covers (`writes` by default, `all`, or `none`) is confirmed instead,
+    each record on its own (one record per NATS message), JetStream's acknowledgement included:
+
+    - before the operation, a covered request is refused with 503 when every sink is known to be
+      failing (the last write to it failed, NATS is disconnected, or the queue overflowed), so
+      Vault is not even asked;
+    - after it, the response is held until a sink has accepted the record; if none does, the
+      client gets 503 in place of the answer. As with Vault's audit devices, a write may then have
+      happened although the client saw an error: writes are check-and-set, so a retry with the same
+      version answers 409 rather than writing twice.
+
+    A line sink on a regular file takes a confirmed record from the event loop itself (a few µs;
+    the record is the OS's once `write` returned); a pipe or a terminal, whose writes can block,
+    from a worker thread, as do batches.
+
+    Records of requests refused at authentication (outcome `unauthenticated`: nobody verified) are
+    noise anyone can make: they may take at most a quarter of the queue at once, and beyond that are
+    dropped and counted apart (`noise_dropped`), never marking the queue overflowed. A flood of 401s
+    can then neither crowd out nor refuse the records of authenticated requests.
+
+    `writes` is the default because a change that nobody can trace is worse than a change refused,
+    while refusing reads whenever the log hiccups would make the audit log the availability bottle
+    neck of every consumer (reads are still audited, best effort, and counted when dropped). `all`
+    is for deployments where every read of a secret must be provably on record.
+    """
 
     def __init__(
         self,

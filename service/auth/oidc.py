@@ -1,6 +1,5 @@
-"""Bearer JWT verification against an OIDC issuer: discovery, the issuer's JWKS (refetched on a
-schedule, and when an unknown `kid` shows up), signature and claim checks, a verified-token cache.
-"""
+"""Bearer JWT verification against one OIDC issuer: `OIDCVerifier` checks a token's header,
+signature and claims, keeps its keys fresh (scheduled refetch) and caches verified tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import ipaddress
 import logging
 import math
 import random
@@ -16,59 +14,38 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 import msgspec
 from joserfc.errors import JoseError
 from joserfc.jwa import JWS_ALGORITHMS, JWSAlgModel
-from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
+from joserfc.jwk import Key
 
 from schemas.errors import ConfigError, Unauthenticated
 from service.auth.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS
+from service.auth.keys import (
+    ISSUER_SETTING,
+    FetchError,
+    KeyRing,
+    Trusted,
+    check_transport,
+    fetch_json,
+    fetch_keys,
+    find_key,
+    printable,
+)
+from service.auth.principal import MAX_TOKEN_LENGTH, Principal
 
-__all__ = [
-    "DEFAULT_ALGORITHMS",
-    "MAX_TOKEN_LENGTH",
-    "REASONS",
-    "OIDCVerifier",
-    "Principal",
-    "bearer_token",
-]
+__all__ = ["OIDCVerifier"]
 
 logger = logging.getLogger("secrets.auth")
-
-#: Why a token was refused: a closed set, for logs and metrics (`Unauthenticated.reason`).
-REASONS: frozenset[str] = frozenset(
-    {
-        "missing_token",  # no Authorization header, or not a Bearer one
-        "malformed",  # not a compact JWS: shape, base64url, JSON or size
-        "unsupported_header",  # `crit`, `b64: false`, or a nested JWT (`cty: JWT`)
-        "bad_algorithm",  # `alg` not in the allowed list, or not usable with the kid's key
-        "unknown_key",  # no key for the `kid` (never published, or withdrawn by the issuer)
-        "bad_signature",
-        "expired",
-        "not_yet_valid",
-        "issued_in_future",
-        "wrong_issuer",
-        "wrong_audience",
-        "lifetime_too_long",
-        "missing_claim",  # iss, aud, exp or sub absent, or both iat and nbf absent
-        "invalid_claim",  # a claim of the wrong type: exp as a string, sub as a number, ...
-        "issuer_unavailable",  # no keys were ever loaded: start() has not succeeded
-    }
-)
-
-#: Largest token accepted, in characters (tokens are ASCII).
-MAX_TOKEN_LENGTH = 12 * 1024
 
 # Only asymmetric algorithms may ever be configured: with a symmetric one, anyone holding the
 # issuer's *public* key could mint tokens.
 # Taken from joserfc's list rather than its JWSRegistry, whose get_alg() warns on EdDSA.
 _ALG_MODELS: dict[str, JWSAlgModel] = {a.name: a for a in JWS_ALGORITHMS if a.name in ALGORITHMS}
 
-_ISSUER_SETTING = "SECRETS_OIDC_ISSUER"
 _REFRESH_SETTING = "SECRETS_OIDC_JWKS_REFRESH"
 # The shortest key lifetime the issuer's `Cache-Control: max-age` may set: a hostile `max-age=0`
 # must not make every instance ask the issuer in a loop. The configured interval still wins.
@@ -77,72 +54,8 @@ _MAX_AGE_FLOOR = 5.0
 # configured interval; each delay is drawn in [d/2, d] so instances do not retry in step.
 _RETRY_FIRST = 1.0
 _MAX_HEADER_SEGMENT = 8 * 1024
-_MAX_DOCUMENT_BYTES = 1024 * 1024
 _COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
-_KEY_CLASSES: dict[str, type[RSAKey] | type[ECKey] | type[OKPKey]] = {
-    "RSA": RSAKey,
-    "EC": ECKey,
-    "OKP": OKPKey,
-}
-# Only public members are imported: a JWKS that leaks private parts must not put them in memory.
-_PUBLIC_MEMBERS: dict[str, tuple[str, ...]] = {
-    "RSA": ("n", "e"),
-    "EC": ("crv", "x", "y"),
-    "OKP": ("crv", "x"),
-}
-_KEY_METADATA = ("kty", "kid", "alg", "use", "key_ops")
-_MIN_RSA_BITS = 2048
 _NESTED_CONTENT_TYPES = frozenset({"JWT", "APPLICATION/JWT"})
-
-
-class Principal(msgspec.Struct, frozen=True):
-    """Who a verified token speaks for."""
-
-    subject: str
-    client_id: str | None
-    roles: frozenset[str]
-    scopes: frozenset[str] | None
-    expires_at: float
-
-
-def bearer_token(authorization_header: str | None) -> str:
-    """The token of an `Authorization: Bearer <token>` header value."""
-    if not authorization_header:
-        raise Unauthenticated("missing_token")
-    parts = authorization_header.split(None, 1)
-    if not parts or parts[0].lower() != "bearer":
-        raise Unauthenticated("missing_token")
-    token = parts[1].strip() if len(parts) == 2 else ""
-    if not token or len(token) > MAX_TOKEN_LENGTH or len(token.split(None, 1)) != 1:
-        raise Unauthenticated("malformed")
-    return token
-
-
-class _FetchError(Exception):
-    """The issuer did not serve a usable JSON document."""
-
-
-class _Trusted(NamedTuple):
-    """A key of the issuer's, and its fingerprint: SHA-256 of its public JWK (material, kid, alg,
-    use, key_ops), which the verified-token cache records for each token the key verified."""
-
-    key: Key
-    fingerprint: bytes
-
-
-class _KeyRing:
-    """The issuer's verification keys, by `kid`; replaced whole, never mutated."""
-
-    __slots__ = ("by_kid", "fingerprints", "keys")
-
-    def __init__(self, keys: Sequence[Key]) -> None:
-        self.keys = tuple(_Trusted(key, _fingerprint(key)) for key in keys)
-        self.fingerprints = frozenset(trusted.fingerprint for trusted in self.keys)
-        by_kid: dict[str, list[_Trusted]] = {}
-        for trusted in self.keys:
-            if trusted.key.kid is not None:
-                by_kid.setdefault(trusted.key.kid, []).append(trusted)
-        self.by_kid = {kid: tuple(found) for kid, found in by_kid.items()}
 
 
 class _Seen:
@@ -185,8 +98,8 @@ class OIDCVerifier:
         jwks_refresh: float = 300.0,
     ) -> None:
         if not issuer:
-            raise ConfigError(_ISSUER_SETTING, "the OIDC issuer URL is empty")
-        _check_transport(issuer, "the issuer URL")
+            raise ConfigError(ISSUER_SETTING, "the OIDC issuer URL is empty")
+        check_transport(issuer, "the issuer URL")
         if not (math.isfinite(jwks_refresh) and jwks_refresh > 0):
             raise ConfigError(_REFRESH_SETTING, "must be a positive number of seconds")
         if not audience:
@@ -211,7 +124,7 @@ class OIDCVerifier:
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=5.0)
         self._jwks_uri: str | None = None
-        self._ring = _KeyRing(())
+        self._ring = KeyRing(())
         self._last_fetch = -math.inf
         # The keys are trusted until `_fresh_until` (on `clock`); the scheduled task refetches
         # them at `_refresh_due` (on the event loop's clock, which its sleeps follow).
@@ -227,25 +140,25 @@ class OIDCVerifier:
     async def start(self) -> None:
         """Read the issuer's discovery document and its JWKS; ConfigError if that fails."""
         try:
-            discovery, _ = await self._fetch_json(self._discovery_url)
-        except _FetchError as exc:
-            raise ConfigError(_ISSUER_SETTING, f"cannot read OIDC discovery: {exc}") from exc
+            discovery, _ = await fetch_json(self._http, self._discovery_url)
+        except FetchError as exc:
+            raise ConfigError(ISSUER_SETTING, f"cannot read OIDC discovery: {exc}") from exc
         advertised = discovery.get("issuer")
         if advertised != self._issuer:
             raise ConfigError(
-                _ISSUER_SETTING,
+                ISSUER_SETTING,
                 f"discovery at {self._discovery_url} names issuer {advertised!r},"
                 f" not {self._issuer!r}",
             )
         jwks_uri = discovery.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-            raise ConfigError(_ISSUER_SETTING, "OIDC discovery has no http(s) jwks_uri")
-        _check_transport(jwks_uri, "the discovery document's jwks_uri")
+            raise ConfigError(ISSUER_SETTING, "OIDC discovery has no http(s) jwks_uri")
+        check_transport(jwks_uri, "the discovery document's jwks_uri")
         self._last_fetch = self._clock()
         try:
-            ring, max_age = await self._fetch_keys(jwks_uri)
-        except _FetchError as exc:
-            raise ConfigError(_ISSUER_SETTING, f"cannot read the issuer's JWKS: {exc}") from exc
+            ring, max_age = await fetch_keys(self._http, jwks_uri)
+        except FetchError as exc:
+            raise ConfigError(ISSUER_SETTING, f"cannot read the issuer's JWKS: {exc}") from exc
         self._jwks_uri = jwks_uri
         self._install(ring)
         self._trust_for(self._key_lifetime(max_age))
@@ -359,13 +272,13 @@ class OIDCVerifier:
         except (JoseError, ValueError, TypeError):
             return False
 
-    async def _select_key(self, alg: JWSAlgModel, kid: str | None) -> _Trusted:
+    async def _select_key(self, alg: JWSAlgModel, kid: str | None) -> Trusted:
         if self._jwks_uri is None:
             raise Unauthenticated("issuer_unavailable")
-        trusted = _find_key(self._ring, alg, kid)
+        trusted = find_key(self._ring, alg, kid)
         if trusted is None:
             await self._refetch_keys()
-            trusted = _find_key(self._ring, alg, kid)
+            trusted = find_key(self._ring, alg, kid)
             if trusted is None:
                 raise Unauthenticated("unknown_key")
         return trusted
@@ -463,7 +376,7 @@ class OIDCVerifier:
 
     async def _refetch(self, jwks_uri: str) -> None:
         try:
-            ring, max_age = await self._fetch_keys(jwks_uri)
+            ring, max_age = await fetch_keys(self._http, jwks_uri)
             self._install(ring)
         except Exception as exc:  # whatever went wrong, the known keys stay; so does a 401
             self._failures += 1
@@ -506,7 +419,7 @@ class OIDCVerifier:
         self._fresh_until = self._clock() + seconds
         self._refresh_due = asyncio.get_running_loop().time() + seconds
 
-    def _install(self, ring: _KeyRing) -> None:
+    def _install(self, ring: KeyRing) -> None:
         old = self._ring
         self._ring = ring
         if ring.fingerprints == old.fingerprints:
@@ -529,101 +442,15 @@ class OIDCVerifier:
         if not ring.keys:
             logger.warning("the issuer's JWKS holds no usable signing key: every token fails")
 
-    async def _fetch_keys(self, jwks_uri: str) -> tuple[_KeyRing, float | None]:
-        """The keys at `jwks_uri`, and the max-age its answer allows them (None: not given)."""
-        document, headers = await self._fetch_json(jwks_uri)
-        entries = document.get("keys")
-        if not isinstance(entries, list):
-            raise _FetchError(f"{jwks_uri}: no 'keys' list")
-        keys = [key for key in map(_verification_key, entries) if key is not None]
-        return _KeyRing(keys), _max_age(headers.get_list("cache-control"))
-
-    async def _fetch_json(self, url: str) -> tuple[dict[str, Any], httpx.Headers]:
-        try:
-            response = await self._http.get(url, headers={"accept": "application/json"})
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise _FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200:
-            raise _FetchError(f"{url}: HTTP {response.status_code}")
-        if len(response.content) > _MAX_DOCUMENT_BYTES:
-            raise _FetchError(f"{url}: document larger than {_MAX_DOCUMENT_BYTES} bytes")
-        try:
-            document = msgspec.json.decode(response.content)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise _FetchError(f"{url}: not JSON") from exc
-        if not isinstance(document, dict):
-            raise _FetchError(f"{url}: not a JSON object")
-        return document, response.headers
-
-
-def _check_transport(url: str, what: str) -> None:
-    """ConfigError unless keys fetched from `url` cannot be swapped on the way: https, or plain
-    http to a loopback address (127.0.0.0/8, ::1, localhost), as a dev OpenBao serves them."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:  # an unbalanced `[` in the host
-        raise ConfigError(_ISSUER_SETTING, f"{what} is not a URL") from None
-    if parts.scheme == "https" and host:
-        return
-    if parts.scheme == "http" and _is_loopback(host):
-        return
-    # The host only: a URL's user:password@ part must not reach the error line.
-    raise ConfigError(
-        _ISSUER_SETTING,
-        f"{what} must use https (plain http only to a loopback address),"
-        f" not {parts.scheme}://{host}",
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":  # urlsplit lowercases the host
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _max_age(cache_control: Sequence[str]) -> float | None:
-    """The shortest `max-age` of Cache-Control values, in seconds; None if there is none.
-
-    A value that is not delta-seconds (negative, fractional, a word) is ignored; one too large
-    to represent counts as 2**31 (RFC 9111, 1.2.2), and the setting caps it anyway.
-    """
-    found: float | None = None
-    for value in cache_control:
-        for directive in value.split(","):
-            name, _, argument = directive.partition("=")
-            if name.strip().lower() != "max-age":
-                continue
-            argument = argument.strip()
-            if len(argument) >= 2 and argument[0] == argument[-1] == '"':
-                argument = argument[1:-1]
-            if not argument.isascii() or not argument.isdigit():
-                continue
-            seconds = float(2**31) if len(argument) > 10 else float(argument)
-            found = seconds if found is None else min(found, seconds)
-    return found
-
-
-def _fingerprint(key: Key) -> bytes:
-    return hashlib.sha256(msgspec.json.encode(key.as_dict(private=False), order="sorted")).digest()
-
 
 def _log_rejection(exc: Unauthenticated, seen: _Seen) -> Unauthenticated:
     logger.info(
         "bearer token rejected: reason=%s iss=%s kid=%s",
         exc.reason,
-        _printable(seen.iss),
-        _printable(seen.kid),
+        printable(seen.iss),
+        printable(seen.kid),
     )
     return exc
-
-
-def _printable(value: str | None) -> str:
-    # Both come from the caller: repr() escapes control characters, the cut bounds the line.
-    return "-" if value is None else repr(value[:80])
 
 
 def _b64decode(segment: str) -> bytes:
@@ -666,69 +493,3 @@ def _string_set(value: object) -> frozenset[str]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return frozenset(value)
     raise Unauthenticated("invalid_claim")
-
-
-def _usable(key: Key, alg: JWSAlgModel) -> bool:
-    """Whether `key` may verify `alg`: key type, EC curve, and the JWK's own use/alg/key_ops."""
-    try:
-        alg.check_key(key)
-        key.check_key_op("verify")
-    except JoseError:
-        return False
-    if alg.name == "EdDSA":
-        return isinstance(key, OKPKey) and key.curve_name in ("Ed25519", "Ed448")
-    return True
-
-
-def _find_key(ring: _KeyRing, alg: JWSAlgModel, kid: str | None) -> _Trusted | None:
-    if kid is None:
-        usable = [trusted for trusted in ring.keys if _usable(trusted.key, alg)]
-        return usable[0] if len(usable) == 1 else None
-    candidates = ring.by_kid.get(kid)
-    if not candidates:
-        return None
-    for trusted in candidates:
-        if _usable(trusted.key, alg):
-            return trusted
-    raise Unauthenticated("bad_algorithm")
-
-
-def _verification_key(entry: object) -> Key | None:
-    """An asymmetric signature key from one JWKS entry; None for anything else."""
-    if not isinstance(entry, dict):
-        return None
-    kty = entry.get("kty")
-    kid = entry.get("kid")
-    if not isinstance(kty, str) or kty not in _KEY_CLASSES or entry.get("use", "sig") != "sig":
-        return None  # symmetric (`oct`) and encryption keys never verify a token
-    if kid is not None and not isinstance(kid, str):
-        return None
-    key_class = _KEY_CLASSES[kty]
-    members = (*_KEY_METADATA, *_PUBLIC_MEMBERS[kty])
-    public = {name: entry[name] for name in members if name in entry}
-    # Sized before the import, which warns (SecurityWarning) on a weak key: an error under -W.
-    bits = _modulus_bits(public.get("n")) if kty == "RSA" else None
-    if bits is not None and bits < _MIN_RSA_BITS:
-        logger.warning(
-            "ignoring JWKS key kid=%s: RSA key under %d bits", _printable(kid), _MIN_RSA_BITS
-        )
-        return None
-    try:
-        key: Key = key_class.import_key(public)
-    except (JoseError, ValueError, TypeError, KeyError):
-        logger.warning("ignoring JWKS key kid=%s: cannot import it", _printable(kid))
-        return None
-    if isinstance(key, OKPKey) and key.curve_name not in ("Ed25519", "Ed448"):
-        return None
-    return key
-
-
-def _modulus_bits(n: object) -> int | None:
-    """The size of an RSA JWK's modulus `n`; None if it is not base64url (the import says so)."""
-    if not isinstance(n, str):
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    return int.from_bytes(raw, "big").bit_length()

@@ -37,7 +37,7 @@ from schemas.paths import validate_path, validate_prefix
 from schemas.secret import Secret, SecretData
 from service.core.cache import SecretCache
 from service.core.validation import Validator
-from service.vault.backend import VaultBackend
+from service.vault.protocol import VaultBackend
 
 __all__ = ["EventSink", "Listener", "SecretsManager"]
 

@@ -51,7 +51,7 @@ from schemas.errors import (
 from schemas.paths import split_custom_method, validate_path, validate_prefix
 from schemas.secret import redact_url
 from service.audit.log import AuditLog, LineSink
-from service.auth.oidc import OIDCVerifier, Principal, bearer_token
+from service.auth import OIDCVerifier, Principal, bearer_token
 from service.auth.policy import METRICS, READ, WRITE, Policy
 from service.core.manager import SecretsManager
 from service.core.validation import Validator
@@ -61,7 +61,7 @@ from service.obs.logs import log_request, request_context
 from service.obs.metrics import Metrics
 from service.settings import Settings
 from service.timestamps import utc_now
-from service.vault.backend import HvacBackend, VaultBackend
+from service.vault import HvacBackend, VaultBackend
 
 __all__ = ["create_app"]
 

@@ -24,7 +24,7 @@ from schemas.api import (
     versions_request_decoder,
 )
 from schemas.errors import Forbidden, InvalidRequest, NotFound
-from service.auth.oidc import Principal
+from service.auth.principal import Principal
 from service.auth.policy import DESTROY, READ, WRITE, Policy
 from service.core.listing import readable_keys
 from service.core.manager import SecretsManager

@@ -1,14 +1,5 @@
-"""The Vault (or OpenBao) KV v2 backend: aiohttp on the event loop for the calls on a request's
-path, hvac in worker threads for the rest.
-
-`VaultBackend` is the seam the manager depends on; `HvacBackend` is the real one. A secret's
-read, its check-and-set write and its metadata go over one `aiohttp.ClientSession` (keep-alive
-HTTP/1.1, a bounded pool, interim 1xx answers skipped, proxies from the environment); logins,
-listings and the lifecycle calls go through hvac, which is synchronous, in a bounded thread pool.
-Every answer is checked against the shape its call expects (msgspec Structs). No hvac, requests,
-aiohttp or HTTP type leaves this module: every failure becomes one of schemas.errors, mapped in
-one place (`_mapped`).
-"""
+"""The real VaultBackend: `HvacBackend`, a secret's read, CAS write and metadata over aiohttp on
+the event loop (the hot path), the rest through hvac in worker threads, and the AppRole login."""
 
 from __future__ import annotations
 
@@ -20,158 +11,69 @@ import math
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import anyio
 import hvac
-import hvac.exceptions as hvac_errors
 import msgspec
 import requests
 from aiohttp.helpers import get_env_proxy_for_url
 from anyio import to_thread
 from yarl import URL
 
-from schemas.api import SecretMetadata, VersionMetadata, VersionNumber
+from schemas.api import SecretMetadata
 from schemas.errors import (
     ConfigError,
     NotFound,
-    SecretsError,
     VaultAccessDenied,
     VaultUnavailable,
     VersionConflict,
 )
 from schemas.secret import Secret, SecretData
+from service.vault.answers import (
+    KvMetadata,
+    ListAnswer,
+    LoginAnswer,
+    LookupAnswer,
+    ReadAnswer,
+    metadata_answer,
+    read_answer,
+    secret_metadata,
+    write_answer,
+)
+from service.vault.errors import (
+    CasMismatch,
+    Malformed,
+    check_done,
+    mapped,
+    mapped_call,
+    status_error,
+)
+from service.vault.protocol import CallObserver
 
-__all__ = ["MAX_ANSWER", "CallObserver", "HvacBackend", "VaultBackend", "metadata_from_vault"]
+__all__ = ["MAX_ANSWER", "HvacBackend"]
 
 log = logging.getLogger("secrets.vault")
 T = TypeVar("T")
 
-CallObserver = Callable[[str, float, "str | None"], None]
-"""Told of each Vault call: op, seconds, and None or the error (timeout, denied, unavailable)."""
-
 MAX_ANSWER = 1024 * 1024
 """Bytes: the largest answer read from Vault; a longer one is refused (503), not buffered."""
 
-
-class VaultBackend(Protocol):
-    """What the manager needs from a KV v2 store. Errors are schemas.errors, nothing else."""
-
-    async def read(self, path: str, version: int | None = None) -> Secret: ...
-
-    async def write(self, path: str, data: Mapping[str, Any], cas: int) -> Secret:
-        """Write `data` as the next version if the current one is `cas` (0: must not exist)."""
-        ...
-
-    async def current_version(self, path: str) -> int:
-        """The metadata's current_version; 0 when the path has never been written."""
-        ...
-
-    async def read_metadata(self, path: str) -> SecretMetadata:
-        """The version history of `path`; NotFound when it has none."""
-        ...
-
-    async def list_keys(self, prefix: str) -> list[str]:
-        """The keys right under `prefix` (``""``: the top), folders ending in '/'; NotFound if
-        there are none."""
-        ...
-
-    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
-        """Soft-delete `versions`: unreadable until undeleted. Unknown versions are ignored."""
-        ...
-
-    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
-        """Restore soft-deleted `versions`. Destroyed or unknown versions are ignored."""
-        ...
-
-    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
-        """Remove the data of `versions` for good. Unknown versions are ignored."""
-        ...
-
-    async def ping(self) -> None:
-        """Return if Vault answers and accepts our token; raise BackendUnavailable otherwise."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-# -- the answers expected, as Vault's KV v2 and auth APIs give them ----------------------------
-
-
-class _VersionStamp(msgspec.Struct):
-    version: VersionNumber
-    created_time: str
-
-
-class _ReadData(msgspec.Struct):
-    data: dict[str, Any] | None  # null when the version was deleted (Vault then says 404)
-    metadata: _VersionStamp
-
-
-class _ReadAnswer(msgspec.Struct):
-    data: _ReadData
-
-
-class _WriteAnswer(msgspec.Struct):
-    data: _VersionStamp
-
-
-class _VersionEntry(msgspec.Struct):
-    created_time: str
-    deletion_time: str = ""
-    destroyed: bool = False
-
-
-class _Metadata(msgspec.Struct):
-    current_version: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
-    created_time: str
-    updated_time: str
-    versions: dict[VersionNumber, _VersionEntry] = {}
-
-
-class _MetadataAnswer(msgspec.Struct):
-    data: _Metadata
-
-
-class _Keys(msgspec.Struct):
-    keys: list[str]
-
-
-class _ListAnswer(msgspec.Struct):
-    data: _Keys
-
-
-class _Auth(msgspec.Struct):
-    client_token: Annotated[str, msgspec.Meta(min_length=1)]
-    lease_duration: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: never expires
-
-
-class _LoginAnswer(msgspec.Struct):
-    auth: _Auth
-
-
-class _LookupAnswer(msgspec.Struct):
-    data: dict[str, Any]
-
-
-class _ErrorAnswer(msgspec.Struct):
-    errors: list[str] = []
-
-
-_read_answer = msgspec.json.Decoder(_ReadAnswer)
-_write_answer = msgspec.json.Decoder(_WriteAnswer)
-_metadata_answer = msgspec.json.Decoder(_MetadataAnswer)
-_error_answer = msgspec.json.Decoder(_ErrorAnswer)
 _encode = msgspec.json.Encoder().encode
 
 
 class HvacBackend:
     """KV v2: reads, CAS writes and metadata over aiohttp, the rest through hvac in a bounded
     thread pool. One token (hvac's, replaced by an AppRole login when it is gone) serves both.
+
+    The aiohttp side is one `aiohttp.ClientSession` (keep-alive HTTP/1.1, a bounded pool,
+    interim 1xx answers skipped, proxies from the environment); hvac, which is synchronous,
+    serves logins, listings and the lifecycle calls. Every answer is checked against the shape
+    its call expects (`service.vault.answers`), and every failure becomes one of schemas.errors
+    in `service.vault.errors.mapped`: no hvac, requests, aiohttp or HTTP type leaves the class.
 
     `relogin_interval`: with AppRole, the least time between two checks of a refused token
     (and so between two logins after the first); concurrent callers share the one check.
@@ -254,7 +156,7 @@ class HvacBackend:
         answer = self._client.auth.approle.login(
             role_id=role_id, secret_id=secret_id, use_token=False
         )
-        auth = msgspec.convert(answer, _LoginAnswer).auth
+        auth = msgspec.convert(answer, LoginAnswer).auth
         self._client.token = auth.client_token
         return auth.lease_duration
 
@@ -263,11 +165,11 @@ class HvacBackend:
         if version is not None:
             url += f"?version={int(version)}"
 
-        def check(answer: _ReadAnswer) -> None:
+        def check(answer: ReadAnswer) -> None:
             if version is not None and answer.data.metadata.version != version:
-                raise _Malformed("another version than the one asked for")
+                raise Malformed("another version than the one asked for")
 
-        found = (await self._fetch("read", path, "GET", url, _read_answer, check=check)).data
+        found = (await self._fetch("read", path, "GET", url, read_answer, check=check)).data
         return Secret(
             path=path,
             version=found.metadata.version,
@@ -280,10 +182,10 @@ class HvacBackend:
         try:
             stamp = (
                 await self._fetch(
-                    "write", path, "POST", self._data_url + quote(path), _write_answer, payload
+                    "write", path, "POST", self._data_url + quote(path), write_answer, payload
                 )
             ).data
-        except _CasMismatch:
+        except CasMismatch:
             current = await self.current_version(path)
             raise VersionConflict(
                 f"the current version is {current}, not {cas}", path=path, current_version=current
@@ -299,16 +201,16 @@ class HvacBackend:
             return 0
 
     async def read_metadata(self, path: str) -> SecretMetadata:
-        return _secret_metadata(path, await self._metadata(path))
+        return secret_metadata(path, await self._metadata(path))
 
-    async def _metadata(self, path: str) -> _Metadata:
+    async def _metadata(self, path: str) -> KvMetadata:
         url = self._metadata_url + quote(path)
-        return (await self._fetch("metadata", path, "GET", url, _metadata_answer)).data
+        return (await self._fetch("metadata", path, "GET", url, metadata_answer)).data
 
     async def list_keys(self, prefix: str) -> list[str]:
         def call() -> list[str]:
             answer = self._kv.list_secrets(prefix, mount_point=self._mount)
-            return msgspec.convert(answer, _ListAnswer).data.keys
+            return msgspec.convert(answer, ListAnswer).data.keys
 
         try:
             return await self._call("list", prefix, self._threaded("list", prefix, call))
@@ -317,7 +219,7 @@ class HvacBackend:
 
     async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
         def call() -> None:
-            _done(
+            check_done(
                 self._kv.delete_secret_versions(
                     path, versions=list(versions), mount_point=self._mount
                 )
@@ -327,7 +229,7 @@ class HvacBackend:
 
     async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
         def call() -> None:
-            _done(
+            check_done(
                 self._kv.undelete_secret_versions(
                     path, versions=list(versions), mount_point=self._mount
                 )
@@ -337,7 +239,7 @@ class HvacBackend:
 
     async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
         def call() -> None:
-            _done(
+            check_done(
                 self._kv.destroy_secret_versions(
                     path, versions=list(versions), mount_point=self._mount
                 )
@@ -349,7 +251,7 @@ class HvacBackend:
         await self._call("ping", "", self._threaded("ping", "", self._lookup_self))
 
     def _lookup_self(self) -> None:
-        msgspec.convert(self._client.auth.token.lookup_self(), _LookupAnswer)
+        msgspec.convert(self._client.auth.token.lookup_self(), LookupAnswer)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -407,14 +309,14 @@ class HvacBackend:
             length = response.content_length
             if length is not None:
                 if length > self._max_answer:
-                    raise _Malformed("answer too large")
+                    raise Malformed("answer too large")
                 return response.status, await response.read()
             chunks: list[bytes] = []
             size = 0
             async for chunk in response.content.iter_any():
                 size += len(chunk)
                 if size > self._max_answer:
-                    raise _Malformed("answer too large")
+                    raise Malformed("answer too large")
                 chunks.append(chunk)
             return response.status, b"".join(chunks)
 
@@ -432,11 +334,11 @@ class HvacBackend:
         """One call over aiohttp: the answer decoded as `decoder` expects, or a service error."""
 
         async def attempt() -> T:
-            with _mapped(op, path):
+            with mapped(op, path):
                 async with self._limiter:
                     status, payload = await self._exchange(method, url, body)
                 if status != 200:  # 204, 3xx, 101: nothing this call expects either
-                    raise _status_error(status, payload, method, url)
+                    raise status_error(status, payload, method, url)
                 answer = decoder.decode(payload)
                 if check is not None:
                     check(answer)
@@ -460,7 +362,7 @@ class HvacBackend:
                     # abandoned thread (and Vault request) per queued request.
                     raise TimeoutError
                 return await to_thread.run_sync(
-                    functools.partial(_mapped_call, op, path, fn),
+                    functools.partial(mapped_call, op, path, fn),
                     limiter=self._workers,
                     abandon_on_cancel=True,
                 )
@@ -522,111 +424,3 @@ class HvacBackend:
         finally:
             if self.observer is not None:
                 self.observer(op, time.perf_counter() - started, error)
-
-
-def metadata_from_vault(
-    path: str, data: Mapping[str, Any], now: datetime | None = None
-) -> SecretMetadata:
-    """A KV v2 metadata answer's ``data`` as a SecretMetadata, versions oldest first.
-    Raises msgspec.ValidationError when `data` is not shaped as Vault's."""
-    return _secret_metadata(path, msgspec.convert(data, _Metadata, strict=False), now)
-
-
-def _secret_metadata(path: str, meta: _Metadata, now: datetime | None = None) -> SecretMetadata:
-    moment = now or datetime.now(UTC)
-    versions = []
-    for number, entry in sorted(meta.versions.items()):
-        deletion_time = entry.deletion_time or None
-        versions.append(
-            VersionMetadata(
-                version=number,
-                created_time=entry.created_time,
-                deletion_time=deletion_time,
-                deleted=deletion_time is not None and _not_after(deletion_time, moment),
-                destroyed=entry.destroyed,
-            )
-        )
-    return SecretMetadata(
-        path=path,
-        current_version=meta.current_version,
-        created_time=meta.created_time,
-        updated_time=meta.updated_time,
-        versions=tuple(versions),
-    )
-
-
-def _not_after(timestamp: str, moment: datetime) -> bool:
-    # A deletion time in the future is one scheduled by delete_version_after: not deleted yet.
-    try:
-        return datetime.fromisoformat(timestamp) <= moment
-    except ValueError:
-        return True  # unparseable: take Vault's word that it is deleted
-
-
-def _done(answer: Any) -> None:
-    """An hvac lifecycle call's answer: 204 (or 200) is done; a 3xx or another 2xx is not."""
-    status = 200 if isinstance(answer, dict) else getattr(answer, "status_code", None)
-    if status not in (200, 204):
-        raise _Malformed(f"HTTP {status}")
-
-
-def _status_error(status: int, payload: bytes, method: str, url: str) -> hvac_errors.VaultError:
-    """The hvac error for a status, so that `_mapped` maps both clients' answers alike."""
-    try:
-        errors: list[str] | None = _error_answer.decode(payload).errors
-    except msgspec.DecodeError:
-        errors = None
-    return hvac_errors.VaultError.from_status(
-        status, f"HTTP {status}", errors=errors, method=method, url=url
-    )
-
-
-def _mapped_call(op: str, path: str, fn: Callable[[], T]) -> T:
-    with _mapped(op, path):
-        return fn()
-
-
-@contextlib.contextmanager
-def _mapped(op: str, path: str) -> Iterator[None]:
-    """The one place hvac, requests, aiohttp and HTTP errors become service errors."""
-    try:
-        yield
-    except TimeoutError:
-        raise  # the caller's deadline, or aiohttp's: reported as a timeout by `_observed`
-    except hvac_errors.InvalidPath:
-        raise NotFound("no secret at this path", path=path) from None
-    except hvac_errors.InvalidRequest as exc:
-        if op == "write" and "check-and-set" in str(exc):
-            raise _CasMismatch() from None
-        log.error("vault rejected a request", extra={"op": op, "path": path})
-        raise VaultUnavailable("the secrets backend rejected the request", path=path) from None
-    except (hvac_errors.Forbidden, hvac_errors.Unauthorized):
-        log.error(
-            "vault refused the service's token: check SECRETS_VAULT_TOKEN and its policy "
-            "(it needs read, create, update on <mount>/data/*, read and list on "
-            "<mount>/metadata/*, update on <mount>/delete/*, <mount>/undelete/* and "
-            "<mount>/destroy/*)",
-            extra={"op": op, "path": path},
-        )
-        raise VaultAccessDenied("the secrets backend is unavailable", path=path) from None
-    except (
-        requests.exceptions.RequestException,
-        hvac_errors.VaultError,  # any other status: 204, 3xx, 412, 429, 5xx
-        aiohttp.ClientError,  # refused, reset, closed midway, not HTTP, TLS, proxy
-        OSError,  # ConnectionError and ssl.SSLError among them
-        UnicodeError,  # a token that is not ASCII
-        msgspec.DecodeError,  # not JSON, or not the shape the call expects (ValidationError)
-        _Malformed,
-    ) as exc:
-        log.error(
-            "vault unavailable", extra={"op": op, "path": path, "error_type": type(exc).__name__}
-        )
-        raise VaultUnavailable("the secrets backend is unavailable", path=path) from None
-
-
-class _CasMismatch(SecretsError):
-    """Internal: the CAS check failed; `write` reads the current version and raises 409."""
-
-
-class _Malformed(Exception):
-    """Internal: an answer this call cannot take (too large, another version, a 3xx)."""

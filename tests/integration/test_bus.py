@@ -19,6 +19,7 @@ from devstack import find_binary, free_port
 from events.bus import EventBus, ensure_stream
 from schemas.errors import ConfigError
 from schemas.events import SecretUpdated, event_encoder
+from tests.fakes import RecordingHandler
 
 
 class FlakyJetStream:
@@ -32,18 +33,6 @@ class FlakyJetStream:
         self.calls.append((subject, payload, headers))
         if len(self.calls) <= self.failures:
             raise NatsTimeout()
-
-
-class RecordingHandler:
-    def __init__(self) -> None:
-        self.changes: list[tuple[str, int]] = []
-
-    def apply_change(self, path: str, version: int) -> None:
-        self.changes.append((path, version))
-
-    def bus_down(self) -> None: ...
-
-    def bus_up(self, *, replayed: bool = False) -> None: ...
 
 
 def event(instance: str = "other", version: int = 2) -> SecretUpdated:

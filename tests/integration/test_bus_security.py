@@ -30,7 +30,7 @@ from schemas.secret import Secret, SecretData
 from service.core.manager import SecretsManager
 from service.obs.metrics import Metrics
 from service.vault.backend import HvacBackend
-from tests.fakes import eventually
+from tests.fakes import RecordingHandler, eventually
 from tests.support import metric_value, record_figures
 
 PREFIX = "secrets"
@@ -368,21 +368,6 @@ async def test_a_forged_next_version_on_an_instance_without_listeners_ends_with_
 
 VICTIM = "app/db.main"
 VICTIM_SUBJECT = "secrets.changed.app.db%2Emain"
-
-
-class RecordingHandler:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def apply_change(self, path: str, version: int) -> None:
-        self.calls.append(("change", (path, version)))
-
-    def apply_lifecycle(self, event: Any) -> None:
-        self.calls.append(("lifecycle", event))
-
-    def bus_down(self) -> None: ...
-
-    def bus_up(self, *, replayed: bool = False) -> None: ...
 
 
 def offline_bus() -> tuple[EventBus, RecordingHandler]:

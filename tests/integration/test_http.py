@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,59 +14,19 @@ import httpx
 import pytest
 
 import service.http.app
-from schemas.api import SecretMetadata
 from schemas.errors import NotFound
-from schemas.secret import Secret
 from service.vault.backend import HvacBackend
-from tests.support import LogCapture, bearer, running_service, service_settings, write_policy
+from tests.fakes import SpyBackend
+from tests.support import (
+    LogCapture,
+    bearer,
+    raw_request,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 CANARY = "canary-7f3c9e1d-DO-NOT-LEAK"
-
-
-class SpyBackend:
-    """The real HvacBackend, with every path it was asked about recorded."""
-
-    def __init__(self, inner: HvacBackend) -> None:
-        self.inner = inner
-        self.paths: list[str] = []
-
-    async def read(self, path: str, version: int | None = None) -> Secret:
-        self.paths.append(path)
-        return await self.inner.read(path, version)
-
-    async def write(self, path: str, data: Mapping[str, Any], cas: int) -> Secret:
-        self.paths.append(path)
-        return await self.inner.write(path, data, cas)
-
-    async def current_version(self, path: str) -> int:
-        self.paths.append(path)
-        return await self.inner.current_version(path)
-
-    async def read_metadata(self, path: str) -> SecretMetadata:
-        self.paths.append(path)
-        return await self.inner.read_metadata(path)
-
-    async def list_keys(self, prefix: str) -> list[str]:
-        self.paths.append(prefix)
-        return await self.inner.list_keys(prefix)
-
-    async def delete_versions(self, path: str, versions: Sequence[int]) -> None:
-        self.paths.append(path)
-        await self.inner.delete_versions(path, versions)
-
-    async def undelete_versions(self, path: str, versions: Sequence[int]) -> None:
-        self.paths.append(path)
-        await self.inner.undelete_versions(path, versions)
-
-    async def destroy_versions(self, path: str, versions: Sequence[int]) -> None:
-        self.paths.append(path)
-        await self.inner.destroy_versions(path, versions)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class Stack:
@@ -293,25 +252,6 @@ BAD_PATHS = [
     "app/db:unknown:verb",
     "app/db:UPPER",
 ]
-
-
-async def raw_request(url: str, method: str, target: bytes, token: str, body: bytes) -> int:
-    """Send a request line exactly as given (no client normalises it); return the status."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(
-            method.encode() + b" " + target + b" HTTP/1.1\r\nHost: x\r\n"
-            b"Authorization: Bearer " + token.encode() + b"\r\n"
-            b"Content-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        await writer.drain()
-        status_line = await reader.readline()
-        await reader.read()
-        return int(status_line.split()[1])
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("raw", BAD_PATHS)

@@ -1,7 +1,7 @@
 """service.auth.oidc: the keys are refetched on a schedule, so a key the issuer withdraws (or
 replaces under the same `kid`) stops vouching for tokens, cached ones included.
 
-Unit tests serve the issuer through httpx.MockTransport with a fake clock (tests/unit/test_auth.py's
+Unit tests serve the issuer through httpx.MockTransport with a fake clock (tests/tokens.py's
 FakeIssuer); the integration tests run the real service against an issuer on a loopback port
 (aiohttp) whose key set the test changes while the service runs.
 """
@@ -25,9 +25,9 @@ from joserfc.jwk import ECKey, Key, RSAKey
 
 from schemas.errors import ConfigError
 from service.auth.oidc import OIDCVerifier
+from tests import tokens
 from tests.support import bearer, running_service, service_settings, write_policy
-from tests.unit import test_auth
-from tests.unit.test_auth import (
+from tests.tokens import (
     AUDIENCE,
     ISSUER,
     NOW,
@@ -40,10 +40,10 @@ from tests.unit.test_auth import (
     sign,
 )
 
-# Fixtures of test_auth, used here as they are (each asks for this module's `issuer`).
-clock = test_auth.clock
-http = test_auth.http
-make_verifier = test_auth.make_verifier
+# Fixtures of tests/tokens.py, used as they are (`http` serves this module's `issuer`).
+clock = tokens.clock
+http = tokens.http
+make_verifier = tokens.make_verifier
 
 #: The shortest key lifetime an issuer's `Cache-Control: max-age` can impose (README).
 MAX_AGE_FLOOR = 5.0

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.stack import least_privilege_token
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
-from service.cli import _dev_service_token
 from tests.support import bearer, running_service, service_settings, write_policy
 
 POLL_INTERVAL = 0.3
@@ -71,7 +71,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     directory = tmp_path_factory.mktemp("lifecycle")
     audit_file = directory / "audit.log"
-    service_token = _dev_service_token(openbao.addr, openbao.root_token)
+    service_token = least_privilege_token(openbao.addr, openbao.root_token)
 
     class LeastPrivilege:  # the dev stack's own Vault policy, not the root token
         addr = openbao.addr

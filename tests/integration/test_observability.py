@@ -22,11 +22,10 @@ from events.bus import AUDIT_STREAM, EventBus
 from events.bus import DROP_REASONS as EVENT_DROP_REASONS
 from schemas.audit import OPS, OUTCOMES, AuditRecord, audit_decoder
 from service.audit.log import DROP_REASONS
-from service.auth.oidc import REASONS
+from service.auth.principal import REASONS
 from service.core.validation import RULES
 from service.obs.metrics import VAULT_ERRORS, VAULT_OPS
 from tests.fakes import FakeVault, eventually
-from tests.reliability.test_hostile_tokens import LocalIssuer
 from tests.support import (
     LogCapture,
     bearer,
@@ -35,7 +34,7 @@ from tests.support import (
     service_settings,
     write_policy,
 )
-from tests.unit.test_auth import sign
+from tests.tokens import LocalIssuer, sign
 
 POLICY = (
     DEV_POLICY_TOML

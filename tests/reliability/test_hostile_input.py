@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from service.vault.backend import HvacBackend
-from tests.integration.test_http import SpyBackend, raw_request
-from tests.support import bearer, running_service, service_settings, write_policy
+from tests.fakes import SpyBackend
+from tests.support import bearer, raw_request, running_service, service_settings, write_policy
 
 
 class Target:

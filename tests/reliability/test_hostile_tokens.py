@@ -8,9 +8,7 @@ it; the attacker's server must never be asked for anything.
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,57 +21,13 @@ import pytest
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 
-from devstack import free_port
-from service.auth.oidc import MAX_TOKEN_LENGTH
+from service.auth.principal import MAX_TOKEN_LENGTH
 from service.vault.backend import HvacBackend
-from tests.integration.test_http import SpyBackend
+from tests.fakes import SpyBackend
 from tests.support import running_service, service_settings, write_policy
-from tests.unit.test_auth import ALGS, b64, b64json, hs256, sign
+from tests.tokens import ALGS, LocalIssuer, b64, b64json, hs256, sign
 
 AUDIENCE = "secrets-service"
-
-
-class LocalIssuer:
-    """An OIDC issuer on a loopback port (http.server in a thread); every request is recorded."""
-
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.keys = keys
-        self.requests: list[str] = []
-        issuer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
-                issuer.requests.append(self.path)
-                if self.path == "/.well-known/openid-configuration":
-                    body: Any = {"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks"}
-                elif self.path == "/jwks":
-                    body = {"keys": issuer.keys}
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # quiet: pytest would show these lines
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> LocalIssuer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, cast
@@ -17,32 +17,7 @@ import pytest
 from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import AuditUnavailable, ConfigError
 from service.audit.log import AuditLog, LineSink
-from tests.fakes import eventually
-
-
-class FakePublisher:
-    """The NATS side: keeps what it was given; `ok = False` makes it refuse."""
-
-    def __init__(self) -> None:
-        self.ok = True
-        self.connected = True
-        self.delay = 0.0
-        self.published: list[tuple[str, bytes]] = []
-        self.acknowledged: list[bool] = []
-
-    async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
-        self.acknowledged.append(acknowledged)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.ok:
-            self.published.append((op, payload))
-        return self.ok
-
-    def records(self) -> list[AuditRecord]:
-        """What was published, record by record: a payload holds one or more, a line each."""
-        return [
-            audit_decoder.decode(line) for _, data in self.published for line in data.split(b"\n")
-        ]
+from tests.fakes import FakePublisher, eventually
 
 
 class FlakyStream:
@@ -68,7 +43,7 @@ class FlakyStream:
         return [audit_decoder.decode(line) for line in self.data.splitlines()]
 
 
-MakeLog = Callable[..., AuditLog]
+MakeLog = Callable[..., Awaitable[AuditLog]]
 
 
 @pytest.fixture
@@ -81,7 +56,7 @@ async def make() -> AsyncIterator[MakeLog]:
         made.append(audit)
         return audit
 
-    yield build  # type: ignore[misc]
+    yield build
     for audit in made:
         await audit.aclose()
 

@@ -1,46 +1,51 @@
 """service.auth.oidc: bearer parsing, JWT verification, JWKS refetch and the verified-token cache.
 
-The issuer is a fake served through httpx.MockTransport; tokens are signed here, by hand where a
-test needs a header or an algorithm a real library would refuse to produce.
+The issuer is a fake served through httpx.MockTransport; tokens are signed by hand where a test
+needs a header or an algorithm a real library would refuse to produce (both in tests/tokens.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from joserfc.jwa import JWS_ALGORITHMS
 from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 
 from schemas.errors import ConfigError, Unauthenticated
-from service.auth.oidc import (
-    DEFAULT_ALGORITHMS,
-    MAX_TOKEN_LENGTH,
-    REASONS,
-    OIDCVerifier,
-    Principal,
-    bearer_token,
+from service.auth.algorithms import DEFAULT_ALGORITHMS
+from service.auth.oidc import OIDCVerifier
+from service.auth.principal import MAX_TOKEN_LENGTH, Principal, bearer_token
+from tests import tokens
+from tests.tokens import (
+    ALGS,
+    ATTACKER,
+    AUDIENCE,
+    DROP,
+    ISSUER,
+    NOW,
+    Clock,
+    FakeIssuer,
+    MakeVerifier,
+    b64,
+    b64json,
+    claims,
+    count_signature_checks,
+    hs256,
+    rejection,
+    sign,
 )
 
-ISSUER = "https://bao.test:8200/v1/identity/oidc"
-JWKS_URI = ISSUER + "/.well-known/keys"
-AUDIENCE = "secrets-service"
-NOW = 1_800_000_000.0
-ATTACKER = "https://attacker.test"
+# Fixtures of tests/tokens.py, used as they are (`http` serves this module's `issuer`).
+clock = tokens.clock
+http = tokens.http
+make_verifier = tokens.make_verifier
 
-ALGS = {alg.name: alg for alg in JWS_ALGORITHMS}
-DROP = object()
-
-
-# --- keys, tokens and the fake issuer ------------------------------------------------------------
+# --- keys and the fake issuer --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -68,101 +73,9 @@ def attacker_key() -> RSAKey:
     return RSAKey.generate_key(2048, parameters={"kid": "attacker-1"})
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64json(value: Any) -> str:
-    return b64(json.dumps(value).encode())
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    """Good claims for the fake issuer; an override of DROP removes the claim."""
-    base: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "entity-1234",
-        "iat": NOW,
-        "nbf": NOW,
-        "exp": NOW + 300,
-        "roles": ["app-reader", "app-writer"],
-        "scope": "secrets:read secrets:write",
-        "azp": "payments",
-    }
-    base.update(overrides)
-    return {name: value for name, value in base.items() if value is not DROP}
-
-
-def sign(payload: dict[str, Any], key: Key, alg: str = "RS256", **header: Any) -> str:
-    """A compact JWS over `payload`, with `kid` from the key unless the header overrides it."""
-    protected: dict[str, Any] = {"alg": alg, "typ": "JWT", "kid": key.kid, **header}
-    protected = {name: value for name, value in protected.items() if value is not DROP}
-    signing_input = f"{b64json(protected)}.{b64json(payload)}"
-    return f"{signing_input}.{b64(ALGS[alg].sign(signing_input.encode(), key))}"
-
-
-def hs256(payload: dict[str, Any], secret: bytes, kid: str) -> str:
-    signing_input = f"{b64json({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{b64json(payload)}"
-    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64(mac)}"
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeIssuer:
-    """Discovery and JWKS for ISSUER, an attacker's JWKS elsewhere; every request is recorded."""
-
-    def __init__(self, keys: list[Key]) -> None:
-        self.keys = keys
-        self.extra_jwks: list[dict[str, Any]] = []
-        self.advertised_issuer = ISSUER
-        self.down = False
-        self.jwks_delay = 0.0
-        self.cache_control: str | None = None  # sent with the JWKS when set
-        self.requests: list[httpx.URL] = []
-
-    def jwks_fetches(self) -> int:
-        return sum(1 for url in self.requests if str(url) == JWKS_URI)
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request.url)
-        if self.down:
-            raise httpx.ConnectError("connection refused", request=request)
-        url = str(request.url)
-        if url == ISSUER + "/.well-known/openid-configuration":
-            return httpx.Response(
-                200, json={"issuer": self.advertised_issuer, "jwks_uri": JWKS_URI}
-            )
-        if url == JWKS_URI:
-            await asyncio.sleep(self.jwks_delay)
-            published = [key.as_dict(private=False) for key in self.keys]
-            headers = {} if self.cache_control is None else {"cache-control": self.cache_control}
-            return httpx.Response(200, json={"keys": published + self.extra_jwks}, headers=headers)
-        if url.startswith(ATTACKER):
-            return httpx.Response(200, json={"keys": []})
-        return httpx.Response(404)
-
-
 @pytest.fixture
 def issuer(rsa_key: RSAKey, ec_key: ECKey, ed_key: OKPKey) -> FakeIssuer:
     return FakeIssuer([rsa_key, ec_key, ed_key])
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def http(issuer: FakeIssuer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(issuer.handle)) as client:
-        yield client
 
 
 @pytest.fixture
@@ -171,34 +84,6 @@ async def verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[OIDCV
     await verifier.start()
     yield verifier
     await verifier.aclose()
-
-
-MakeVerifier = Callable[..., Awaitable[OIDCVerifier]]
-
-
-@pytest.fixture
-async def make_verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[MakeVerifier]:
-    """Started verifiers for ISSUER with the given options, each closed after the test."""
-    made: list[OIDCVerifier] = []
-
-    async def make(**options: Any) -> OIDCVerifier:
-        verifier = OIDCVerifier(ISSUER, AUDIENCE, http=http, clock=clock, **options)
-        made.append(verifier)
-        await verifier.start()
-        return verifier
-
-    yield make
-    for verifier in made:
-        await verifier.aclose()
-
-
-async def rejection(verifier: OIDCVerifier, token: str) -> str:
-    """The reason `verify` gives for refusing `token`, after checking the 401 header."""
-    with pytest.raises(Unauthenticated) as info:
-        await verifier.verify(token)
-    assert info.value.reason in REASONS
-    assert info.value.www_authenticate.startswith("Bearer")
-    return info.value.reason
 
 
 # --- bearer_token ---------------------------------------------------------------------------------
@@ -833,21 +718,6 @@ async def test_a_key_withdrawn_by_the_issuer_stops_vouching_for_cached_tokens(
 
 
 # --- the verified-token cache ---------------------------------------------------------------------
-
-
-def count_signature_checks(
-    verifier: OIDCVerifier, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[], int]:
-    calls = 0
-    original = verifier._check_signature
-
-    def counting(*args: Any) -> bool:
-        nonlocal calls
-        calls += 1
-        return original(*args)
-
-    monkeypatch.setattr(verifier, "_check_signature", counting)
-    return lambda: calls
 
 
 async def test_a_cached_token_is_not_verified_again_until_it_expires(

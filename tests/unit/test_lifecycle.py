@@ -24,12 +24,12 @@ from schemas.events import (
 )
 from schemas.globs import PathGlob
 from schemas.secret import Secret, SecretData
-from service.auth.oidc import Principal
 from service.auth.policy import READ, Policy
+from service.auth.principal import Principal
 from service.core.cache import SecretCache
 from service.core.manager import SecretsManager
 from service.http.lifecycle import visible_keys
-from tests.fakes import FakeVault, RecordingSink, eventually
+from tests.fakes import FakeVault, RecordingHandler, RecordingSink, eventually
 
 PATH = "app/db"
 V1, V2, V3 = {"password": "one"}, {"password": "two"}, {"password": "three"}
@@ -378,21 +378,6 @@ def test_lifecycle_events_round_trip_and_old_payloads_decode_with_no_versions() 
     assert isinstance(decoded, SecretDeleted) and decoded.versions == ()
     with pytest.raises(msgspec.ValidationError):
         event_decoder.decode(bare.replace(b'"version": 3', b'"version": 3, "versions": [0]'))
-
-
-class RecordingHandler:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def apply_change(self, path: str, version: int) -> None:
-        self.calls.append(("change", (path, version)))
-
-    def apply_lifecycle(self, event: object) -> None:
-        self.calls.append(("lifecycle", event))
-
-    def bus_down(self) -> None: ...
-
-    def bus_up(self, *, replayed: bool = False) -> None: ...
 
 
 def test_the_bus_hands_lifecycle_events_to_apply_lifecycle_and_writes_to_apply_change() -> None:

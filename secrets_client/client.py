@@ -1,0 +1,165 @@
+"""`SecretsClient`: the blocking HTTP client of the service's API, one call per method.
+
+Paths are checked before a request is made (a `:` or `..` never turns into another request);
+a refusal or an unreachable service raises `ClientError` carrying the API's `error` code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from schemas.errors import InvalidPath
+from schemas.paths import validate_path, validate_prefix
+from schemas.secret import Secret, SecretData
+
+__all__ = ["DEFAULT_URL", "ClientError", "SecretsClient", "secret_url"]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ClientError(Exception):
+    """The service refused a request, or could not be asked.
+
+    `error` is the API's error code (`not_found`, `conflict`, ...) or, with `status` 0, what
+    kept the request from being answered: `timeout`, `unreachable`, `invalid_url`,
+    `invalid_path`. `body` is the API's error body (never a secret value: the API puts none in
+    one), with `status` added.
+    """
+
+    def __init__(self, error: str, detail: str, *, status: int = 0, body: Any = None) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+        self.status = status
+        shown: dict[str, Any] = dict(body) if isinstance(body, Mapping) else {"error": error}
+        shown.setdefault("detail", detail)
+        if status:
+            shown["status"] = status
+        self.body = shown
+
+
+class SecretsClient:
+    """`with SecretsClient(url, token=...) as client: client.get("app/db")`."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str, timeout: float = 10.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        try:
+            self._http = httpx.Client(
+                base_url=url,
+                timeout=timeout,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            )
+        except httpx.InvalidURL:
+            raise ClientError("invalid_url", "the service URL is not a valid http(s) URL") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- the API -------------------------------------------------------------------------
+
+    def get(self, path: str, version: int | None = None) -> Secret:
+        params = None if version is None else {"version": str(version)}
+        body = self.request("GET", secret_url(path), params=params)
+        return Secret(
+            path=body["path"],
+            version=body["version"],
+            data=SecretData(body["data"]),
+            created_time=body["created_time"],
+        )
+
+    def set(self, path: str, data: Mapping[str, Any], *, version: int) -> int:
+        """Write `data` if the current version is `version` (0: the path must not exist yet);
+        the new version. A stale `version` raises ClientError `conflict` (409)."""
+        body = self.request(
+            "PATCH", secret_url(path), json={"data": dict(data), "version": version}
+        )
+        new_version: int = body["version"]
+        return new_version
+
+    def versions(self, path: str) -> Any:
+        return self.request("GET", f"{secret_url(path)}:versions")
+
+    def list(self, prefix: str = "") -> Any:
+        return self.request("GET", f"{_prefix_url(prefix)}:list" if prefix else "/secrets:list")
+
+    def delete(self, path: str, versions: Sequence[int] | None = None) -> Any:
+        params = None if versions is None else {"versions": ",".join(map(str, versions))}
+        return self.request("DELETE", secret_url(path), params=params)
+
+    def undelete(self, path: str, versions: Sequence[int]) -> Any:
+        return self.request("POST", f"{secret_url(path)}:undelete", json={"versions": versions})
+
+    def destroy(self, path: str, versions: Sequence[int]) -> Any:
+        return self.request("POST", f"{secret_url(path)}:destroy", json={"versions": versions})
+
+    def rollback(self, path: str, to_version: int, *, version: int) -> Any:
+        payload = {"to_version": to_version, "version": version}
+        return self.request("POST", f"{secret_url(path)}:rollback", json=payload)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+    ) -> Any:
+        """One API call; its decoded JSON body, or ClientError."""
+        try:
+            response = self._http.request(method, url, params=params, json=json)
+        except httpx.TimeoutException:
+            raise ClientError(
+                "timeout", f"no answer from {self.url} within {self.timeout}s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ClientError(
+                "unreachable", f"cannot reach {self.url}: {type(exc).__name__}"
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_success:
+            return body
+        fields: dict[str, Any] = body if isinstance(body, dict) else {}
+        error, detail = fields.get("error"), fields.get("detail")
+        raise ClientError(
+            error if isinstance(error, str) else "http_error",
+            str(detail) if detail is not None else response.reason_phrase,
+            status=response.status_code,
+            body=fields or None,
+        )
+
+
+def secret_url(path: str) -> str:
+    """`/secrets/<path>`, the path checked and quoted; ClientError `invalid_path` if bad."""
+    try:
+        validate_path(path)
+    except InvalidPath as exc:
+        raise ClientError(exc.code, exc.detail) from None
+    return "/secrets/" + quote(path, safe="/")
+
+
+def _prefix_url(prefix: str) -> str:
+    try:
+        validate_prefix(prefix)
+    except InvalidPath as exc:
+        raise ClientError(exc.code, exc.detail) from None
+    return "/secrets/" + quote(prefix, safe="/")
