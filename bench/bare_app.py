@@ -1,9 +1,9 @@
 """The practical ceiling for Python here: a bare Starlette endpoint that returns fixed bytes.
 
 Same server as `secrets-service serve` (uvicorn with uvloop and httptools, its protocol's
-writes coalesced by service/server.py, no access log, no server header), same response bytes and
-headers as a cached read, and no work at all: no auth, no policy, no cache lookup, no audit,
-metrics or log line. `--stock`: on uvicorn's own protocol instead (two sends per response).
+writes coalesced by service/http/protocol.py, no access log, no server header), same response
+bytes and headers as a cached read, and no work at all: no auth, no policy, no cache lookup, no
+audit, metrics or log line. `--stock`: on uvicorn's own protocol instead (two sends per response).
 
     .venv/bin/python bench/bare_app.py --port 9000 --body-file body.json [--stock]
 """

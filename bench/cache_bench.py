@@ -71,20 +71,20 @@ async def bench_hit(manager: SecretsManager, path: str, calls: int) -> dict[str,
 async def bench_propagation(
     a: SecretsManager, b: SecretsManager, writes: int
 ) -> dict[str, dict[str, float]]:
-    path = f"bench/p-{uuid.uuid4().hex[:8]}/key"
+    watched = f"bench/p-{uuid.uuid4().hex[:8]}/key"
     evicted: dict[int, float] = {}
     heard: dict[int, float] = {}
     original = b.apply_change
 
-    def timed_apply(p: str, version: int) -> None:
-        original(p, version)
-        if p == path:
+    def timed_apply(path: str, version: int) -> None:
+        original(path, version)
+        if path == watched:
             evicted.setdefault(version, time.perf_counter())
 
     b.apply_change = timed_apply  # type: ignore[method-assign]
 
     async def listener(p: str, value: SecretData | None) -> None:
-        if p == path:
+        if p == watched:
             heard.setdefault(len(heard) + 1, time.perf_counter())
 
     b.add_listener("bench", listener)
@@ -93,7 +93,7 @@ async def bench_propagation(
     acked: dict[int, float] = {}
     version = 0
     for _ in range(writes):
-        secret = await a.set(path, {"value": uuid.uuid4().hex}, version)
+        secret = await a.set(watched, {"value": uuid.uuid4().hex}, version)
         version = secret.version
         acked[version] = time.perf_counter()
         deadline = time.perf_counter() + 2
@@ -127,7 +127,7 @@ def bench_memory(entries: int = 10_000) -> dict[str, float]:
 
     from schemas.secret import Secret
     from service.core.cache import SecretCache
-    from service.core.manager import _compact
+    from service.core.reads import compact as _compact
 
     cache = SecretCache(max_entries=entries * 2)
     tracemalloc.start()

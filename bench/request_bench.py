@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ async def run(calls: int, confirms: int, environ: dict[str, str]) -> dict[str, f
     app = create_app(Settings.from_environ(environ))
     token = environ["BENCH_TOKEN"]
     async with app.router.lifespan_context(app) as state:
+        assert state is not None  # the app's lifespan yields its resources
         scope_base: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0"},
@@ -78,7 +80,7 @@ async def run(calls: int, confirms: int, environ: dict[str, str]) -> dict[str, f
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 

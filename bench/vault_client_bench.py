@@ -64,6 +64,12 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+_MOVED_SINCE_LEGACY = {
+    b"from service.errors import": b"from schemas.errors import",
+    b"from service.secret import": b"from schemas.secret import",
+}
+
+
 def load_legacy(commit: str, directory: Path) -> ModuleType:
     """service/vault.py as of `commit`, imported as a module of its own (`legacy_vault`)."""
     try:
@@ -74,6 +80,9 @@ def load_legacy(commit: str, directory: Path) -> ModuleType:
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SystemExit(f"cannot take the legacy client from git ({commit}): {exc}") from None
+    # The modules it imports have moved since (schemas/ holds the error tree and Secret now).
+    for old, new in _MOVED_SINCE_LEGACY.items():
+        source = source.replace(old, new)
     path = directory / "legacy_vault.py"
     path.write_bytes(source)
     spec = importlib.util.spec_from_file_location("legacy_vault", path)

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -278,7 +278,11 @@ class EventBus:
 
     def publish(self, event: ChangeEvent) -> None:
         """Announce a write Vault already accepted: in the background, retried, never raising."""
-        task = asyncio.get_running_loop().create_task(self._publish(event))
+        self._spawn(self._publish(event))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        # Kept until done (the loop holds tasks only weakly); aclose waits for the rest.
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -410,9 +414,7 @@ class EventBus:
             # what changed meanwhile.
             self._handler.bus_up(replayed=False)
         if since is not None:
-            task = asyncio.get_running_loop().create_task(self._replay(since - 2.0))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._replay(since - 2.0))
 
     async def _replay(self, since: float) -> None:
         """Feed the events stored since `since` (epoch seconds) to the handler."""

@@ -11,7 +11,7 @@ across a restart and see nothing twice::
             print(change.type, change.path, change.version)
             saved = change.sequence
 
-Patterns are policy globs (`service.auth.policy.PathGlob`): ``"app/**"``, ``"app/*/db"``, ``"**"``.
+Patterns are path globs (`schemas.globs.PathGlob`): ``"app/**"``, ``"app/*/db"``, ``"**"``.
 What NATS wildcards cannot say (``db-*``, ``app/**/db``) is subscribed more widely and filtered
 here. Events never carry secret data: read the secret itself through the service.
 

@@ -73,7 +73,7 @@ class InvalidRequest(SecretsError):
 
 
 class Unauthenticated(SecretsError):
-    """`reason` is one of a closed set (service.auth.oidc.REASONS), for logs and metrics."""
+    """`reason` is one of a closed set (service.auth.principal.REASONS), for logs and metrics."""
 
     status = 401
     code = "unauthenticated"

@@ -86,7 +86,7 @@ class SecretsClient:
 
     def set(self, path: str, data: Mapping[str, Any], *, version: int) -> int:
         """Write `data` if the current version is `version` (0: the path must not exist yet);
-        the new version. A stale `version` raises ClientError `conflict` (409)."""
+        the new version. A stale `version` raises ClientError `version_conflict` (409)."""
         body = self.request(
             "PATCH", secret_url(path), json={"data": dict(data), "version": version}
         )

@@ -17,7 +17,7 @@ from schemas.errors import ConfigError
 from service.auth.policy import Policy
 from service.core.validation import Validator
 from service.http.app import create_app
-from service.http.protocol import server_config
+from service.http.serving import server_config
 from service.obs.logs import configure_logging
 from service.settings import Settings
 

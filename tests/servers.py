@@ -1,7 +1,8 @@
 """Server fixtures: a real OpenBao, a real nats-server with JetStream, OpenBao as OIDC issuer.
 
-Both servers run from the venv's binaries on free loopback ports. With SECRETS_TEST_CONTAINERS=1
-they run as testcontainers instead; without a Docker engine those tests skip, never fail.
+Both servers run from the venv's binaries on free loopback ports. SECRETS_TEST_CONTAINERS=1 asks
+testcontainers for them instead; what is tested of that path is only that, without a Docker
+engine, those tests skip with the reason (tests/integration/test_devstack.py).
 """
 
 from __future__ import annotations

@@ -11,13 +11,15 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import State
 
-from devstack import DEV_POLICY_TOML, free_port
+from devstack import DEV_POLICY_TOML, NatsEndpoint, OpenBaoEndpoint, free_port
 from events.bus import EventBus
 from service.http.app import create_app
 from service.http.protocol import HttpProtocol
@@ -32,20 +34,41 @@ class _Server(uvicorn.Server):
         yield  # tests keep their own signal handling
 
 
+class OidcEndpoint(Protocol):
+    """The issuer a service trusts: OpenBao's (the `oidc` fixture, an OidcIssuer) or a test's own
+    (a loopback server, named by a SimpleNamespace)."""
+
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def audience(self) -> str: ...
+
+
 def service_settings(
-    openbao: Any, nats: Any, oidc: Any, policy_file: Path, **overrides: str
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint | str,
+    oidc: OidcEndpoint,
+    policy_file: Path,
+    **overrides: str,
 ) -> Settings:
     return Settings.from_environ(service_environ(openbao, nats, oidc, policy_file, **overrides))
 
 
 def service_environ(
-    openbao: Any, nats: Any, oidc: Any, policy_file: Path, **overrides: str
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint | str,
+    oidc: OidcEndpoint,
+    policy_file: Path,
+    **overrides: str,
 ) -> dict[str, str]:
-    """SECRETS_* for a service on a free port; `overrides` by setting name (`vault_timeout`)."""
+    """SECRETS_* for a service on a free port; `overrides` by setting name (`vault_timeout`).
+
+    `nats` is a server, or the URL of one (a node of a cluster, a proxy in front of one).
+    """
     environ = {
         "SECRETS_VAULT_ADDR": openbao.addr,
         "SECRETS_VAULT_TOKEN": openbao.root_token,
-        "SECRETS_NATS_URL": nats.url if hasattr(nats, "url") else str(nats),
+        "SECRETS_NATS_URL": nats if isinstance(nats, str) else nats.url,
         "SECRETS_OIDC_ISSUER": oidc.issuer,
         "SECRETS_OIDC_AUDIENCE": oidc.audience,
         "SECRETS_POLICY_FILE": str(policy_file),
@@ -64,12 +87,13 @@ def write_policy(directory: Path, text: str = DEV_POLICY_TOML) -> Path:
 
 
 class RunningService:
-    def __init__(self, app: Any, url: str) -> None:
+    def __init__(self, app: Starlette, url: str) -> None:
         self.app = app
         self.url = url
 
     @property
-    def state(self) -> Any:
+    def state(self) -> State:
+        """The lifespan's resources: `manager`, `bus`, `metrics`, ... (attributes of a State)."""
         return self.app.state
 
 
@@ -190,7 +214,12 @@ def record_figures(scenario: str, **figures: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def cluster_services(
-    openbao: Any, oidc: Any, nodes: Sequence[Any], policy_file: Path, prefix: str, **overrides: str
+    openbao: OpenBaoEndpoint,
+    oidc: OidcEndpoint,
+    nodes: Sequence[NatsEndpoint],
+    policy_file: Path,
+    prefix: str,
+    **overrides: str,
 ) -> AsyncIterator[list[RunningService]]:
     """One service instance per NATS node (ids `<prefix>-A`, ...), all connected to the bus."""
     async with contextlib.AsyncExitStack() as stack:

@@ -49,9 +49,8 @@ class AuditPublisher(Protocol):
 
 
 class AuditLog:
-    """Queues, writes and confirms audit records; knows whether any sink is working.
-
-    One record for every secret access and change, allowed or denied.
+    """Queues, writes and confirms audit records (one for every secret access and change, allowed
+    or denied); knows whether any sink is working.
 
     Records go to a line sink (SECRETS_AUDIT_SINK: JSON lines on stdout or appended to a file) and
     to NATS on `<prefix>.audit.<op>`, stored in the JetStream stream SECRETS_AUDIT. Each sink is an
@@ -59,24 +58,24 @@ class AuditLog:
 
     Off the hot path: a record is encoded and queued, and one background task writes what gathered
     every 50 ms (sooner when a batch fills): one write to the line sink per batch, and a plain NATS
-    publish per run of records of one op (JSON lines, one object per line, up to 64 KiB a
-    message), without waiting for JetStream's acknowledgement. A read pays for building a small
-    struct (its time formatted cheaply, `service.timestamps`), encoding it and a list append; a
-    queued record is bytes, which the garbage collector never tracks. What
-    SECRETS_AUDIT_FAIL_CLOSED covers (`writes` by default, `all`, or `none`) is confirmed instead,
-    each record on its own (one record per NATS message), JetStream's acknowledgement included:
+    publish per run of records of one op (JSON lines, one object per line, up to 64 KiB a message),
+    without waiting for JetStream's acknowledgement. A read pays for building a small struct (its
+    time formatted cheaply, `service.timestamps`), encoding it and a list append; a queued record is
+    bytes, which the garbage collector never tracks. What SECRETS_AUDIT_FAIL_CLOSED covers (`writes`
+    by default, `all`, or `none`) is confirmed instead, each record on its own (one record per NATS
+    message), JetStream's acknowledgement included:
 
     - before the operation, a covered request is refused with 503 when every sink is known to be
-      failing (the last write to it failed, NATS is disconnected, or the queue overflowed), so
-      Vault is not even asked;
-    - after it, the response is held until a sink has accepted the record; if none does, the
-      client gets 503 in place of the answer. As with Vault's audit devices, a write may then have
-      happened although the client saw an error: writes are check-and-set, so a retry with the same
-      version answers 409 rather than writing twice.
+      failing (the last write to it failed, NATS is disconnected, or the queue overflowed), so Vault
+      is not even asked;
+    - after it, the response is held until a sink has accepted the record; if none does, the client
+      gets 503 in place of the answer. As with Vault's audit devices, a write may then have happened
+      although the client saw an error: writes are check-and-set, so a retry with the same version
+      answers 409 rather than writing twice.
 
-    A line sink on a regular file takes a confirmed record from the event loop itself (a few µs;
-    the record is the OS's once `write` returned); a pipe or a terminal, whose writes can block,
-    from a worker thread, as do batches.
+    A line sink on a regular file takes a confirmed record from the event loop itself (a few µs; the
+    record is the OS's once `write` returned); a pipe or a terminal, whose writes can block, from a
+    worker thread, as do batches.
 
     Records of requests refused at authentication (outcome `unauthenticated`: nobody verified) are
     noise anyone can make: they may take at most a quarter of the queue at once, and beyond that are

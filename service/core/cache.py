@@ -9,11 +9,11 @@ that arrive out of order cannot roll the cache back.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
 from schemas.secret import Secret
+from service.core.lru import LRU
 
 __all__ = ["CacheEntry", "SecretCache"]
 
@@ -34,10 +34,9 @@ class SecretCache:
         ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_entries = max_entries
         self.ttl = ttl
         self._clock = clock
-        self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()
+        self._entries: LRU[Key, CacheEntry] = LRU(max_entries, on_evict=self._evicted)
         # Plain ints, read by the metrics collector at scrape time: no lock or label lookup here.
         self.evictions = 0
         self.hits = 0
@@ -45,6 +44,13 @@ class SecretCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._entries.maxsize
+
+    def _evicted(self, key: Key, entry: CacheEntry) -> None:
+        self.evictions += 1
 
     def get(
         self, path: str, version: int | None, max_age: float, *, count: bool = True
@@ -75,11 +81,7 @@ class SecretCache:
         current = self._entries.get(key)
         if current is not None and current.secret.version > secret.version:
             return  # never replace a newer version with an older one
-        self._entries[key] = CacheEntry(secret, self._clock(), body)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-            self.evictions += 1
+        self._entries.put(key, CacheEntry(secret, self._clock(), body))
 
     def invalidate(self, path: str, version: int) -> bool:
         """A change to `version` happened: drop a latest-entry older than it. True if dropped."""

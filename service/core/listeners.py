@@ -99,7 +99,9 @@ class Listeners:
             value = None
         self.notify(path, value)
 
-    async def _call(self, name: str, callback: Listener, path: str, value: SecretData | None) -> None:
+    async def _call(
+        self, name: str, callback: Listener, path: str, value: SecretData | None
+    ) -> None:
         try:
             if inspect.iscoroutinefunction(callback):
                 await callback(path, value)

@@ -1,5 +1,5 @@
 """`Reads`: a GET's way through the manager: the cache first, else one Vault read per path shared
-by every caller waiting, cached unless the ledger knows a newer version; documents encoded once.
+by every caller waiting, cached unless the ledger knows a newer version; history and listings.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from schemas.api import SecretBody
+from schemas.api import SecretBody, SecretMetadata
 from schemas.errors import InvalidRequest
-from schemas.paths import validate_path
+from schemas.paths import validate_path, validate_prefix
 from schemas.secret import Secret, SecretData
 from service.core.cache import SecretCache
 from service.core.ledger import VersionLedger
@@ -24,7 +24,8 @@ _REREADS = 3  # reads of a path that Vault answers with a version older than one
 
 
 class Reads:
-    """Cache-through reads of latest and pinned versions.
+    """Cache-through reads of latest and pinned versions (their documents encoded once), and
+    the uncached reads of version history and folder listings.
 
     `confirm(path)` is called when Vault answers a read with a version older than the ledger's
     newest: it asks Vault about a version only an event vouches for (`Coherence.confirm_stale`).
@@ -94,6 +95,16 @@ class Reads:
             return None
         self.cache.hits += 1
         return entry.secret, entry.body
+
+    async def versions(self, path: str) -> SecretMetadata:
+        """The version history of `path`, straight from Vault (never cached)."""
+        validate_path(path)
+        return await self.backend.read_metadata(path)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys right under `prefix`, unfiltered, straight from Vault (never cached)."""
+        validate_prefix(prefix)
+        return await self.backend.list_keys(prefix)
 
     def forget_flight(self, path: str) -> None:
         """New readers of `path` must not join a read in flight: it may predate a change."""

@@ -27,28 +27,23 @@ uvicorn's own path, and a timer is armed only for a head left incomplete at the 
 The pieces also stop where uvicorn pauses reading (a pipelined request queued, a body the app
 has not read), so a burst of pipelined requests is parsed no further ahead than one piece.
 A new connection that sends nothing is closed after the keep-alive timeout, like an idle one.
-
-`server_config` is how `serve` runs the app: this protocol, the concurrency limit, and HTTPS when
-the settings name a certificate and key.
+How `serve` runs the app on it is service.http.serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from schemas.api import ErrorBody
-from schemas.errors import ConfigError, TooLarge
-from service.settings import Settings
+from schemas.errors import TooLarge
 
-__all__ = ["HEAD_LIMIT", "HEAD_TIMEOUT", "HttpProtocol", "server_config", "tls_context"]
+__all__ = ["HEAD_LIMIT", "HEAD_TIMEOUT", "HttpProtocol"]
 
 HEAD_LIMIT = 16 * 1024
 """Bytes of request line and headers together one request may send: beyond, 414 or 431."""
@@ -277,53 +272,3 @@ class _FlowControl(FlowControl):
 
 
 _error_encoder = msgspec.json.Encoder()
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server context for the PEM certificate chain `cert` and its key: TLS 1.2 at least, and
-    for TLS 1.2 only ciphers with forward secrecy and authenticated encryption (Mozilla's
-    "intermediate" profile; TLS 1.3 keeps OpenSSL's suites, all of that kind).
-
-    Loaded at startup so that a bad file is a configuration error (exit code 2), not a failure
-    on the first connection.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!aDSS")
-    try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            "SECRETS_TLS_CERT",
-            f"{cert} with SECRETS_TLS_KEY {key} is not a PEM certificate chain and its "
-            f"unencrypted private key ({reason})",
-        ) from None
-    return context
-
-
-def _no_passphrase() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
-    raise ValueError("the private key is encrypted")
-
-
-def server_config(app: Any, settings: Settings) -> uvicorn.Config:
-    """How `secrets-service serve` runs `app`: HttpProtocol, the concurrency limit (503 beyond
-    it, from uvicorn), and HTTPS when `settings` name a certificate and key."""
-    tls: dict[str, Any] = {}
-    if settings.tls_cert and settings.tls_key:
-        context = tls_context(settings.tls_cert, settings.tls_key)
-        tls["ssl_context_factory"] = lambda config, default: context
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        proxy_headers=False,
-        http=HttpProtocol,
-        limit_concurrency=settings.limit_concurrency,
-        **tls,
-    )

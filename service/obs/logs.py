@@ -1,8 +1,9 @@
 """Structured logging: one JSON object per line, with the request's context attached.
 
-Each line has `time`, `level`, `logger` and `message`; inside a request also `request_id` and
-whatever the routes learnt (`actor`, `client_id`, `path`, `op`, `version`, `reason`); the
-per-request line adds `method`, `status`, `outcome` and `duration_ms`.
+Each line has `time`, `level`, `logger` and `message`; inside a request also the fields of its
+`log_context` (service.http.trace.RequestTrace: `request_id` and whatever the routes learnt,
+`actor`, `path`, `op`, `version`, `reason`...); the per-request line adds `method`, `status`,
+`outcome` and `duration_ms`.
 
 Values are kept out by construction: they travel as SecretData, which prints as
 '**redacted**'. Behind that, the formatter is a second line of defence: it drops fields whose
@@ -18,7 +19,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -27,14 +28,23 @@ from service.timestamps import to_millis, utc_millis
 __all__ = [
     "BatchingStreamHandler",
     "JsonFormatter",
+    "LogContext",
     "configure_logging",
+    "log_context",
     "log_request",
-    "request_context",
 ]
 
-request_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "request_context", default=None
+
+class LogContext(Protocol):
+    """What every line logged within a request shows: service.http.trace.RequestTrace."""
+
+    def log_fields(self) -> dict[str, Any]: ...
+
+
+log_context: contextvars.ContextVar[LogContext | None] = contextvars.ContextVar(
+    "log_context", default=None
 )
+"""The context of the request being served, if any (set by service.http.middleware)."""
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _FORBIDDEN = frozenset(
@@ -48,6 +58,8 @@ _FIELDS = "_fields"  # attribute of a log_request record: its fields, the contex
 _TEMPLATES: dict[str, dict[str, Any]] = {}  # logger name -> attributes of its request lines
 _SCALARS = (str, int, float, bool)
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+_SCALAR_OR_UNSET = _SCALAR_TYPES | {msgspec.UnsetType}
+_SHOWN_STRUCTS: dict[type, bool] = {}  # Struct type -> whether all its field names are shown
 _OWN = frozenset({"time", "level", "logger", "message"})  # the formatter's fields
 _SHOWN: set[str] = set()  # names that are never hidden, nor one of the formatter's fields
 _HEADS: dict[str, str] = {}  # logger name -> its request lines' fields after `time`
@@ -66,9 +78,9 @@ class JsonFormatter(logging.Formatter):
         if fields is not None:  # a line of log_request: its fields, the context included
             _add_shown(out, fields)
         else:
-            ctx = request_context.get()
-            if ctx:
-                _add_shown(out, ctx)
+            context = log_context.get()
+            if context is not None:
+                _add_shown(out, context.log_fields())
             _add_shown(out, {k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info and record.exc_info[0] is not None:
             # The type only: exception messages from dependencies are not ours to trust.
@@ -102,9 +114,12 @@ def _shown(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def log_request(logger: logging.Logger, fields: dict[str, Any], at: str | None = None) -> None:
+def log_request(
+    logger: logging.Logger, fields: dict[str, Any] | msgspec.Struct, at: str | None = None
+) -> None:
     """Log the one line of a request: its context and outcome, `fields`, at INFO; `at`: the
-    time as `service.timestamps.utc_now()` gives it, if the caller has it already.
+    time as `service.timestamps.utc_now()` gives it, if the caller has it already. `fields` may
+    be a Struct (service.http.trace.RequestTrace): its fields in order, the UNSET ones left out.
 
     Writes what `logger.info("request", extra=fields)` would. Where every handler the line
     reaches is a plain BatchingStreamHandler with a JsonFormatter (as `configure_logging`
@@ -127,6 +142,9 @@ def log_request(logger: logging.Logger, fields: dict[str, Any], at: str | None =
         for handler in handlers:
             handler.emit_line(line)
         return
+    named: dict[str, Any] = (
+        msgspec.to_builtins(fields) if isinstance(fields, msgspec.Struct) else fields
+    )
     template = _TEMPLATES.get(logger.name)
     if template is None:
         template = _TEMPLATES[logger.name] = logging.LogRecord(
@@ -136,12 +154,12 @@ def log_request(logger: logging.Logger, fields: dict[str, Any], at: str | None =
     record = logging.LogRecord.__new__(logging.LogRecord)
     attributes = record.__dict__
     attributes.update(template)
-    attributes.update(fields)
+    attributes.update(named)
     now = time.time()
     attributes["created"] = now
     attributes["msecs"] = int((now - int(now)) * 1000) + 0.0
     attributes["relativeCreated"] = template["relativeCreated"] + (now - template["created"]) * 1000
-    attributes[_FIELDS] = fields
+    attributes[_FIELDS] = named
     logger.handle(record)
 
 
@@ -167,19 +185,36 @@ def _batching_handlers(logger: logging.Logger) -> list[BatchingStreamHandler] | 
     return found or None  # none: logging's lastResort decides, as for any record
 
 
-def _request_line(when: str, name: str, fields: dict[str, Any]) -> str:
+def _request_line(when: str, name: str, fields: dict[str, Any] | msgspec.Struct) -> str:
     """What JsonFormatter.format makes of a log_request record."""
-    if fields and fields.keys() <= _SHOWN and _SCALAR_TYPES.issuperset(map(type, fields.values())):
-        # Every field is shown as it is (the usual case): encoded whole, after the constant
-        # head; msgspec writes a dict's items in order, as it would in `out` below.
+    # Encoded whole when every field is shown as it is (the usual case): a shown name and a
+    # plain scalar value (or UNSET: a Struct's fields never set, left out by msgspec).
+    encoded = None
+    if isinstance(fields, msgspec.Struct):
+        kind = type(fields)
+        shown = _SHOWN_STRUCTS.get(kind)
+        if shown is None:  # the names of a Struct's fields are checked once per type
+            shown = _SHOWN_STRUCTS[kind] = all(
+                not _hidden(field) and field not in _OWN for field in kind.__struct_fields__
+            )
+        if shown and _SCALAR_OR_UNSET.issuperset(map(type, msgspec.structs.astuple(fields))):
+            encoded = _encode(fields)
+    elif fields.keys() <= _SHOWN and _SCALAR_TYPES.issuperset(map(type, fields.values())):
+        encoded = _encode(fields)
+    if encoded is not None and len(encoded) > 2:  # "{}": no field, nothing to append
+        # After the constant head; msgspec writes a dict's items and a Struct's fields in
+        # order, as they would be in `out` below.
         head = _HEADS.get(name)
         if head is None:
             head = _HEADS[name] = _encode(
                 {"level": "INFO", "logger": name, "message": "request"}
             ).decode()[1:-1]
-        return f'{{"time":"{when}",{head},{_encode(fields)[1:].decode()}'
+        return f'{{"time":"{when}",{head},{encoded[1:].decode()}'
+    named: dict[str, Any] = (
+        msgspec.to_builtins(fields) if isinstance(fields, msgspec.Struct) else fields
+    )
     out: dict[str, Any] = {"time": when, "level": "INFO", "logger": name, "message": "request"}
-    _add_shown(out, fields)
+    _add_shown(out, named)
     return _encode(out).decode()
 
 

@@ -99,7 +99,7 @@ class Metrics:
         timings.total += seconds
 
     def observe_vault(self, op: str, seconds: float, error: str | None) -> None:
-        """A `service.vault.backend.CallObserver`."""
+        """A `service.vault.protocol.CallObserver`."""
         op = op if op in VAULT_OPS else "other"
         self.vault_latency.labels(op).observe(seconds)
         if error is not None:

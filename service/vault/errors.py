@@ -39,7 +39,7 @@ def mapped(op: str, path: str) -> Iterator[None]:
     try:
         yield
     except TimeoutError:
-        raise  # the caller's deadline, or aiohttp's: reported as a timeout by `_observed`
+        raise  # the caller's deadline, or aiohttp's: `HvacBackend._observed` reports a timeout
     except hvac_errors.InvalidPath:
         raise NotFound("no secret at this path", path=path) from None
     except hvac_errors.InvalidRequest as exc:

@@ -9,13 +9,14 @@ import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import nats as nats_client
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 
-from devstack import find_binary, free_port
+from devstack import NatsEndpoint, find_binary, free_port
 from events.bus import EventBus, ensure_stream
 from schemas.errors import ConfigError
 from schemas.events import SecretUpdated, event_encoder
@@ -134,7 +135,7 @@ async def test_an_unreachable_nats_at_start_is_a_config_error_not_a_hang() -> No
 
 
 async def test_a_nats_without_jetstream_is_a_config_error_after_a_bounded_wait(
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     server = subprocess.Popen(
@@ -164,7 +165,9 @@ async def test_a_nats_without_jetstream_is_a_config_error_after_a_bounded_wait(
         server.wait(10)
 
 
-async def test_ensure_stream_updates_the_stream_only_when_its_config_differs(nats: Any) -> None:
+async def test_ensure_stream_updates_the_stream_only_when_its_config_differs(
+    nats: NatsEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
     updates: list[Any] = []
@@ -174,7 +177,7 @@ async def test_ensure_stream_updates_the_stream_only_when_its_config_differs(nat
         updates.append(config)
         return await update_stream(config, **params)
 
-    js.update_stream = counted
+    monkeypatch.setattr(js, "update_stream", counted)
     name, prefix = f"ENSURE_{uuid.uuid4().hex[:8].upper()}", f"e{uuid.uuid4().hex[:8]}"
     try:
         await ensure_stream(js, prefix, name=name, max_age=3600)

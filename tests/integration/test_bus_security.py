@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -24,13 +24,14 @@ from prometheus_client import generate_latest
 from devstack import NatsEndpoint, OpenBaoEndpoint
 from events.bus import EventBus, check_event
 from events.subjects import changed_subject
+from schemas.api import SecretMetadata
 from schemas.errors import VaultUnavailable
 from schemas.events import SecretDestroyed, SecretUpdated, event_encoder
 from schemas.secret import Secret, SecretData
 from service.core.manager import SecretsManager
 from service.obs.metrics import Metrics
 from service.vault.backend import HvacBackend
-from tests.fakes import RecordingHandler, eventually
+from tests.fakes import FakeVault, RecordingHandler, eventually
 from tests.support import metric_value, record_figures
 
 PREFIX = "secrets"
@@ -58,7 +59,7 @@ class CountingVault:
         await self._held()
         return await self.inner.current_version(path)
 
-    async def read_metadata(self, path: str) -> Any:
+    async def read_metadata(self, path: str) -> SecretMetadata:
         self.calls["metadata"] += 1
         await self._held()
         return await self.inner.read_metadata(path)
@@ -107,7 +108,7 @@ async def instance(
 ) -> AsyncIterator[Instance]:
     vault = CountingVault(HvacBackend(openbao.addr, token=openbao.root_token))
     bus = EventBus([nats.url], PREFIX, instance_id=name)
-    manager = SecretsManager(vault, events=bus, instance_id=name, **options)  # type: ignore[arg-type]
+    manager = SecretsManager(vault, events=bus, instance_id=name, **options)
     try:
         await bus.connect(manager)
         yield Instance(manager, bus, vault, listen=listen)
@@ -492,10 +493,12 @@ def test_a_password_in_a_nats_url_never_shows_in_the_bus_repr(url: str, shown: s
 PATH = "app/db"
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[Any]:
-    from tests.fakes import FakeVault
+Fake = tuple[FakeVault, Callable[[], SecretsManager]]
+"""The `fake` fixture: an in-memory Vault, and a builder of managers over it."""
 
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
     vault = FakeVault()
     managers: list[SecretsManager] = []
 
@@ -513,7 +516,7 @@ def settled(manager: SecretsManager) -> bool:
     return manager.pending_checks == 0
 
 
-async def test_a_jump_is_evicted_at_once_and_applied_once_vault_shows_it(fake: Any) -> None:
+async def test_a_jump_is_evicted_at_once_and_applied_once_vault_shows_it(fake: Fake) -> None:
     vault, build = fake
     manager = build()
     for n in (1, 2, 3):
@@ -530,7 +533,7 @@ async def test_a_jump_is_evicted_at_once_and_applied_once_vault_shows_it(fake: A
     assert manager.events_dropped == {}
 
 
-async def test_claims_on_one_path_share_one_check(fake: Any) -> None:
+async def test_claims_on_one_path_share_one_check(fake: Fake) -> None:
     vault, build = fake
     manager = build()
     vault.seed(PATH, {"n": 1})
@@ -543,7 +546,7 @@ async def test_claims_on_one_path_share_one_check(fake: Any) -> None:
     assert manager.events_dropped == {"beyond_vault": 1}
 
 
-async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Any) -> None:
+async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Fake) -> None:
     vault, build = fake
     manager = build()
     manager.add_listener("l", lambda p, v: None)  # with listeners, every claim is checked
@@ -560,7 +563,7 @@ async def test_claims_beyond_the_queue_only_evict_and_are_counted(fake: Any) -> 
     assert len(manager._unconfirmed) == extra
 
 
-async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fake: Any) -> None:
+async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fake: Fake) -> None:
     vault, build = fake
     manager = build()
     vault.seed(PATH, {"n": 1})
@@ -580,7 +583,7 @@ async def test_a_check_vault_does_not_answer_applies_nothing_but_the_eviction(fa
 
 
 async def test_a_listeners_read_confirms_the_next_version_without_a_metadata_read(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -595,7 +598,7 @@ async def test_a_listeners_read_confirms_the_next_version_without_a_metadata_rea
 
 
 async def test_a_forged_destruction_of_versions_vault_has_not_reached_marks_nothing(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -618,7 +621,7 @@ async def test_a_forged_destruction_of_versions_vault_has_not_reached_marks_noth
 
 
 async def test_a_forged_undelete_does_not_tell_listeners_a_deleted_version_is_back(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     from schemas.events import SecretUndeleted
 
@@ -641,7 +644,7 @@ async def test_a_forged_undelete_does_not_tell_listeners_a_deleted_version_is_ba
 
 
 async def test_forged_lifecycle_claims_on_a_path_cannot_crowd_out_a_real_deletion(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     from schemas.errors import NotFound
     from schemas.events import SecretDeleted
@@ -691,7 +694,7 @@ async def test_forged_lifecycle_claims_on_a_path_cannot_crowd_out_a_real_deletio
 
 
 async def test_an_event_for_the_next_version_costs_no_vault_call_until_someone_reads(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -714,7 +717,7 @@ async def test_an_event_for_the_next_version_costs_no_vault_call_until_someone_r
 
 
 async def test_a_forged_next_version_costs_one_metadata_read_when_a_read_meets_it(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -737,7 +740,7 @@ async def test_a_forged_next_version_costs_one_metadata_read_when_a_read_meets_i
 
 @pytest.mark.parametrize("known", [True, False], ids=["a-known-path", "a-path-never-read"])
 async def test_a_forged_far_version_without_listeners_does_not_stop_caching(
-    fake: Any, known: bool
+    fake: Fake, known: bool
 ) -> None:
     # On a path read here it is a jump, checked at once; on one never read here it is
     # recorded unconfirmed, and the first read refutes it. Either way: one metadata read.
@@ -757,7 +760,7 @@ async def test_a_forged_far_version_without_listeners_does_not_stop_caching(
 
 
 async def test_with_listeners_a_forged_next_version_is_never_heard_and_the_real_one_is(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -777,7 +780,7 @@ async def test_with_listeners_a_forged_next_version_is_never_heard_and_the_real_
 
 @pytest.mark.parametrize("written", ["elsewhere", "here"])
 async def test_a_listener_added_after_a_forged_next_version_still_hears_the_real_one(
-    fake: Any, written: str
+    fake: Fake, written: str
 ) -> None:
     vault, build = fake
     manager = build()
@@ -796,7 +799,7 @@ async def test_a_listener_added_after_a_forged_next_version_still_hears_the_real
 
 
 async def test_a_thousand_next_version_events_on_a_thousand_paths_cost_no_vault_call(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -817,7 +820,7 @@ async def test_a_thousand_next_version_events_on_a_thousand_paths_cost_no_vault_
 
 
 async def test_unconfirmed_versions_are_bounded_and_the_oldest_is_forgotten_at_no_vault_cost(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()
@@ -833,7 +836,7 @@ async def test_unconfirmed_versions_are_bounded_and_the_oldest_is_forgotten_at_n
     assert vault.total_calls == 1
 
 
-async def test_a_version_a_write_or_read_shows_confirms_what_events_claimed(fake: Any) -> None:
+async def test_a_version_a_write_or_read_shows_confirms_what_events_claimed(fake: Fake) -> None:
     vault, build = fake
     manager = build()
     await manager.set(PATH, {"n": 1}, 0)
@@ -850,7 +853,7 @@ async def test_a_version_a_write_or_read_shows_confirms_what_events_claimed(fake
 
 
 async def test_a_read_whose_check_vault_does_not_answer_is_served_but_not_cached(
-    fake: Any, monkeypatch: pytest.MonkeyPatch
+    fake: Fake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vault, build = fake
     manager = build()
@@ -874,7 +877,7 @@ async def test_a_read_whose_check_vault_does_not_answer_is_served_but_not_cached
 
 
 async def test_the_version_check_judges_an_unconfirmed_version_of_a_path_it_reads_anyway(
-    fake: Any,
+    fake: Fake,
 ) -> None:
     vault, build = fake
     manager = build()

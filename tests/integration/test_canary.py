@@ -12,13 +12,14 @@ import base64
 import json
 import uuid
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import nats as nats_py
 from nats.aio.msg import Msg
 
-from devstack import DEV_POLICY_TOML
+from devstack import DEV_POLICY_TOML, NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from tests.fakes import eventually
 from tests.support import LogCapture, bearer, running_service, service_settings, write_policy
 
@@ -41,7 +42,7 @@ def _b64(obj: dict[str, Any]) -> str:
 
 
 async def test_the_canary_appears_in_no_log_metric_error_body_audit_record_or_nats_payload(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Any
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     policy = write_policy(tmp_path, POLICY)
     settings = service_settings(openbao, nats, oidc, policy)

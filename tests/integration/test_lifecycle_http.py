@@ -8,16 +8,17 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from devstack.stack import least_privilege_token
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
-from tests.support import bearer, running_service, service_settings, write_policy
+from tests.support import RunningService, bearer, running_service, service_settings, write_policy
 
 POLL_INTERVAL = 0.3
 POLICY = """\
@@ -39,7 +40,9 @@ destroy = ["**"]
 
 
 class Stack:
-    def __init__(self, url: str, tokens: dict[str, str], svc: Any, audit_file: Path) -> None:
+    def __init__(
+        self, url: str, tokens: dict[str, str], svc: RunningService, audit_file: Path
+    ) -> None:
         self.url = url
         self.tokens = tokens
         self.svc = svc
@@ -67,7 +70,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 async def stack(
-    openbao: Any, nats: Any, oidc: Any, tmp_path_factory: pytest.TempPathFactory
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
     directory = tmp_path_factory.mktemp("lifecycle")
     audit_file = directory / "audit.log"
@@ -105,7 +111,7 @@ def fresh(prefix: str = "app") -> str:
     return f"{prefix}/l-{uuid.uuid4().hex[:10]}/db"
 
 
-async def eventually(condition: Any, timeout: float = 3.0) -> None:
+async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition still false"
@@ -276,7 +282,7 @@ write = ["**"]
 
 
 async def test_rollback_without_read_is_403_and_never_tells_what_the_old_version_holds(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     path = f"wo/l-{uuid.uuid4().hex[:10]}/db"
     async with httpx.AsyncClient(base_url=openbao.addr, timeout=10) as vault:
@@ -294,7 +300,7 @@ async def test_rollback_without_read_is_403_and_never_tells_what_the_old_version
             assert (await client.patch(f"/secrets/{path}", json=body, headers=writer)).is_success
             assert (await client.get(f"/secrets/{path}", headers=writer)).status_code == 403
 
-            async def rollback(to_version: int, who: dict[str, str]) -> httpx.Response:
+            async def rollback(to_version: int, who: Mapping[str, str]) -> httpx.Response:
                 return await client.post(
                     f"/secrets/{path}:rollback",
                     json={"to_version": to_version, "version": 2},
@@ -420,7 +426,7 @@ async def test_openapi_describes_the_lifecycle_operations(stack: Stack) -> None:
 
 
 async def test_a_deletion_made_straight_in_openbao_is_caught_within_the_poll_interval(
-    stack: Stack, openbao: Any
+    stack: Stack, openbao: OpenBaoEndpoint
 ) -> None:
     path = fresh()
     await stack.create(path, "v1", "v2")

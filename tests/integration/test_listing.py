@@ -13,18 +13,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import generate_latest
 
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from schemas.errors import NotFound, VaultUnavailable
 from schemas.globs import PathGlob
 from service.core.listing import LIST_BUDGET, readable_keys
 from service.core.manager import SecretsManager
 from tests.fakes import FakeVault
-from tests.support import bearer, metric_value, running_service, service_settings, write_policy
+from tests.support import (
+    RunningService,
+    bearer,
+    metric_value,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 POLICY = """\
 [auth]
@@ -45,7 +52,7 @@ write = ["**"]
 class Tree:
     """A service on a KV v2 mount of its own, and the personas' tokens."""
 
-    def __init__(self, svc: Any, tokens: dict[str, str]) -> None:
+    def __init__(self, svc: RunningService, tokens: dict[str, str]) -> None:
         self.svc = svc
         self.tokens = tokens
         self.client = httpx.AsyncClient(base_url=svc.url, timeout=10)
@@ -81,7 +88,7 @@ def same_answer(a: httpx.Response, b: httpx.Response) -> bool:
     return (a.status_code, a.content, headers(a)) == (b.status_code, b.content, headers(b))
 
 
-async def _fresh_mount(openbao: Any) -> str:
+async def _fresh_mount(openbao: OpenBaoEndpoint) -> str:
     """A new KV v2 mount, ready for writes (a new mount takes a moment to accept them)."""
     mount = f"lst-{uuid.uuid4().hex[:10]}"
     headers = {"X-Vault-Token": openbao.root_token}
@@ -99,14 +106,16 @@ async def _fresh_mount(openbao: Any) -> str:
     return mount
 
 
-async def _drop_mount(openbao: Any, mount: str) -> None:
+async def _drop_mount(openbao: OpenBaoEndpoint, mount: str) -> None:
     headers = {"X-Vault-Token": openbao.root_token}
     async with httpx.AsyncClient(base_url=openbao.addr, headers=headers, timeout=10) as vault:
         await vault.delete(f"/v1/sys/mounts/{mount}")
 
 
 @pytest.fixture
-async def tree(openbao: Any, nats: Any, oidc: Any, tmp_path: Path) -> AsyncIterator[Tree]:
+async def tree(
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
+) -> AsyncIterator[Tree]:
     mount = await _fresh_mount(openbao)
     try:
         settings = service_settings(

@@ -17,7 +17,7 @@ import pytest
 from joserfc.jwk import RSAKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack import DEV_POLICY_TOML, free_port
+from devstack import DEV_POLICY_TOML, NatsEndpoint, OidcIssuer, OpenBaoEndpoint, free_port
 from events.bus import AUDIT_STREAM, EventBus
 from events.bus import DROP_REASONS as EVENT_DROP_REASONS
 from schemas.audit import OPS, OUTCOMES, AuditRecord, audit_decoder
@@ -94,7 +94,10 @@ class Svc:
 
 @pytest.fixture(scope="module")
 async def svc(
-    openbao: Any, nats: Any, oidc: Any, tmp_path_factory: pytest.TempPathFactory
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Svc]:
     policy = write_policy(tmp_path_factory.mktemp("observability"), POLICY)
     settings = service_settings(openbao, nats, oidc, policy)
@@ -112,7 +115,7 @@ def fresh(prefix: str = "app") -> str:
     return f"{prefix}/o-{uuid.uuid4().hex[:10]}/db"
 
 
-def vault_write(openbao: Any, path: str, data: dict[str, Any]) -> None:
+def vault_write(openbao: OpenBaoEndpoint, path: str, data: dict[str, Any]) -> None:
     response = httpx.post(
         f"{openbao.addr}/v1/secret/data/{path}",
         json={"data": data},
@@ -124,7 +127,9 @@ def vault_write(openbao: Any, path: str, data: dict[str, Any]) -> None:
 # -- metrics move with requests ------------------------------------------------------------------
 
 
-async def test_reads_move_operation_cache_and_vault_series(svc: Svc, openbao: Any) -> None:
+async def test_reads_move_operation_cache_and_vault_series(
+    svc: Svc, openbao: OpenBaoEndpoint
+) -> None:
     path = fresh()
     vault_write(openbao, path, {"k": "v"})
     before = await svc.metrics()
@@ -316,7 +321,9 @@ async def test_a_request_id_that_is_not_well_formed_is_not_recorded(svc: Svc) ->
 # -- the audit trail -------------------------------------------------------------------------------
 
 
-async def test_every_access_allowed_or_denied_gets_one_audit_record(svc: Svc, nats: Any) -> None:
+async def test_every_access_allowed_or_denied_gets_one_audit_record(
+    svc: Svc, nats: NatsEndpoint
+) -> None:
     path = fresh()
     ids = {name: f"audit-{name}-{uuid.uuid4().hex[:6]}" for name in ("w", "r", "f", "u", "n")}
     await svc.patch(path, {"k": "v"}, 0, **{"X-Request-ID": ids["w"]})
@@ -351,6 +358,7 @@ async def test_every_access_allowed_or_denied_gets_one_audit_record(svc: Svc, na
         info = await js.stream_info(AUDIT_STREAM)
         assert info.config.subjects == ["secrets.audit.>"]
         last = await js.get_last_msg(AUDIT_STREAM, "secrets.audit.write")
+        assert last.data is not None
         assert audit_decoder.decode(last.data.splitlines()[-1]).op == "write"
     finally:
         await nc.close()
@@ -376,7 +384,7 @@ class MuteAuditBus(EventBus):
 
 @pytest.mark.parametrize("mode", ["writes", "all"])
 async def test_when_no_audit_sink_can_record_covered_requests_are_refused_with_503(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path, mode: str
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path, mode: str
 ) -> None:
     policy = write_policy(tmp_path)
     # /dev/full accepts the open and fails every write with ENOSPC.
@@ -419,7 +427,7 @@ async def test_when_no_audit_sink_can_record_covered_requests_are_refused_with_5
 
 
 async def test_metrics_can_move_to_their_own_port(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     port = free_port()
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path), metrics_port=str(port))
@@ -432,7 +440,7 @@ async def test_metrics_can_move_to_their_own_port(
 
 
 async def test_metrics_can_require_a_role(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path), metrics_role="admin")
     async with running_service(settings) as running:
@@ -445,7 +453,7 @@ async def test_metrics_can_require_a_role(
 
 
 async def test_with_a_metrics_role_a_token_whose_scopes_leave_out_metrics_is_refused(
-    openbao: Any, nats: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, tmp_path: Path
 ) -> None:
     key = RSAKey.generate_key(2048, parameters={"kid": "metrics-1"})
     with LocalIssuer([key.as_dict(private=False)]) as issuer:
@@ -478,7 +486,7 @@ async def test_with_a_metrics_role_a_token_whose_scopes_leave_out_metrics_is_ref
 
 
 async def test_credentials_in_the_vault_address_never_reach_the_log(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     host = openbao.addr.removeprefix("http://")
     settings = service_settings(
@@ -510,7 +518,7 @@ class StalledAuditBus(EventBus):
 
 
 async def test_a_flood_of_401s_cannot_make_audited_writes_refused(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Path
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path))
     bus = StalledAuditBus(settings.nats_url, settings.nats_prefix, instance_id=settings.instance_id)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from devstack import free_port
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint, free_port
 from secrets_client.secretsctl import EXIT_CODES
 from tests.support import running_service, service_settings, write_policy
 
@@ -89,7 +89,10 @@ class Ctl:
 
 @pytest.fixture(scope="module")
 async def ctl(
-    openbao: Any, nats: Any, oidc: Any, tmp_path_factory: pytest.TempPathFactory
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Ctl]:
     policy = write_policy(tmp_path_factory.mktemp("secretsctl"), POLICY)
     settings = service_settings(openbao, nats, oidc, policy, audit_sink="none")

@@ -16,6 +16,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
@@ -24,7 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
 
-from devstack import ServiceProcess, free_port
+from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint, ServiceProcess, free_port
 from service.http.protocol import HEAD_LIMIT, HEAD_TIMEOUT, HttpProtocol, _CoalescingTransport
 from tests.support import (
     _Server,
@@ -114,7 +115,7 @@ async def test_other_calls_reach_the_transport() -> None:
 
 
 async def test_the_service_answers_whole_over_keep_alive_through_it(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Any
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path))
     token = oidc.mint("writer")
@@ -455,7 +456,8 @@ async def test_pipelined_requests_are_parsed_no_further_ahead_than_one_piece() -
         await writer.drain()
         await asyncio.sleep(0.5)
         (protocol,) = server.server_state.connections
-        queued = len(protocol.pipeline)  # type: ignore[attr-defined]
+        assert isinstance(protocol, HttpProtocol)  # as `serving` configures it
+        queued = len(protocol.pipeline)
         assert 0 < queued <= 4096 // len(small) + 1  # not the ~4,000 of one 128 KiB read
         release.set()
         for _ in range(count):
@@ -543,12 +545,13 @@ async def test_a_body_the_app_does_not_read_yet_stops_being_read_at_the_high_wat
 
         streaming = asyncio.get_running_loop().create_task(stream())
         (protocol,) = server.server_state.connections
+        assert isinstance(protocol, HttpProtocol)  # as `serving` configures it
         deadline = time.monotonic() + 10
-        while not protocol.flow.read_paused:  # type: ignore[attr-defined]
+        while not protocol.flow.read_paused:
             assert time.monotonic() < deadline, "uvicorn never paused reading"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)
-        held = len(protocol.cycle.body)  # type: ignore[attr-defined]
+        held = len(protocol.cycle.body)
         assert held <= HIGH_WATER_LIMIT + 256 * 1024  # the mark plus at most one read
         assert not streaming.done()  # the client is held back by TCP, not buffered for
         release.set()
@@ -558,7 +561,7 @@ async def test_a_body_the_app_does_not_read_yet_stops_being_read_at_the_high_wat
 
 
 async def test_the_service_refuses_oversize_heads_and_serves_a_read_just_under(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Any
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     settings = service_settings(openbao, nats, oidc, write_policy(tmp_path))
     writer_token, reader_token = oidc.mint("writer"), oidc.mint("reader")
@@ -579,7 +582,7 @@ async def test_the_service_refuses_oversize_heads_and_serves_a_read_just_under(
 
 
 def test_serve_answers_503_beyond_the_concurrency_limit(
-    openbao: Any, nats: Any, oidc: Any, tmp_path: Any
+    openbao: OpenBaoEndpoint, nats: NatsEndpoint, oidc: OidcIssuer, tmp_path: Path
 ) -> None:
     environ = service_environ(openbao, nats, oidc, write_policy(tmp_path), limit_concurrency="3")
     with ServiceProcess(environ, log_path=tmp_path / "service.log") as svc:

@@ -143,8 +143,12 @@ def replying(reply: bytes, *, keep_open: bool = True) -> Handler:
     return handler
 
 
+MakePeer = Callable[..., Awaitable[HostilePeer]]
+"""The `peer` fixture: starts a HostilePeer with the handler (and TLS context) given."""
+
+
 @pytest.fixture
-async def peer() -> AsyncIterator[Callable[..., Awaitable[HostilePeer]]]:
+async def peer() -> AsyncIterator[MakePeer]:
     servers: list[HostilePeer] = []
 
     async def make(handler: Handler, tls: ssl.SSLContext | None = None) -> HostilePeer:
@@ -191,7 +195,7 @@ OWNERS = {"alice/db": {"owner": "alice", "password": "alice-pw"}, "bob/db": {"ow
     ids=["100-continue", "103-early-hints", "two-interims"],
 )
 async def test_interim_answers_before_each_real_one_never_hand_a_path_another_paths_secret(
-    peer: Any, interim: bytes
+    peer: MakePeer, interim: bytes
 ) -> None:
     async def proxy_with_interims(request: Request, writer: asyncio.StreamWriter) -> bool:
         path = request.path.removeprefix("/v1/secret/data/")
@@ -207,8 +211,11 @@ async def test_interim_answers_before_each_real_one_never_hand_a_path_another_pa
     async with backend_for(server.addr) as backend:
         for n, path in enumerate(["alice/db", "bob/db"] * 2, start=1):
             seen.append((path, await outcome(backend.read(path))))
-            # Each real answer is out before the next read starts.
-            await until(lambda n=n: server.handled >= n)
+
+            def answered(n: int = n) -> bool:
+                return server.handled >= n
+
+            await until(answered)  # each real answer is out before the next read starts
     # The old client took the interim answer for the whole response (a KeyError, a 500) and
     # pooled the connection with alice's real answer unread: bob's read returned alice's secret.
     assert seen == [(path, OWNERS[path]) for path in ["alice/db", "bob/db"] * 2]
@@ -221,7 +228,9 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_second_unasked_for_answer_is_never_taken_for_the_next_reads(peer: Any) -> None:
+async def test_a_second_unasked_for_answer_is_never_taken_for_the_next_reads(
+    peer: MakePeer,
+) -> None:
     async def smuggling(request: Request, writer: asyncio.StreamWriter) -> bool:
         path = request.path.removeprefix("/v1/secret/data/")
         writer.write(answer(200, read_document(OWNERS[path])))
@@ -274,7 +283,7 @@ ODD_READ_ANSWERS = {
 
 @pytest.mark.parametrize("reply", ODD_READ_ANSWERS.values(), ids=ODD_READ_ANSWERS.keys())
 async def test_a_read_answered_oddly_is_backend_unavailable_and_nothing_else(
-    peer: Any, reply: bytes
+    peer: MakePeer, reply: bytes
 ) -> None:
     server = await peer(replying(reply, keep_open=False))
     async with backend_for(server.addr) as backend:
@@ -286,7 +295,7 @@ async def test_a_read_answered_oddly_is_backend_unavailable_and_nothing_else(
     assert server.connections >= 2
 
 
-async def test_a_redirect_is_not_followed_and_the_token_stays_home(peer: Any) -> None:
+async def test_a_redirect_is_not_followed_and_the_token_stays_home(peer: MakePeer) -> None:
     elsewhere = await peer(replying(answer(200, READ_ANSWER)))
     location = f"Location: {elsewhere.addr}/v1/secret/data/app/db\r\n".encode()
     standby = await peer(replying(answer(307, b"", extra=location)))
@@ -303,7 +312,7 @@ async def test_a_redirect_is_not_followed_and_the_token_stays_home(peer: Any) ->
 
 
 async def test_a_read_of_a_version_answered_with_another_version_is_unavailable(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     server = await peer(replying(answer(200, read_document({"k": "v"}, 4))))
     async with backend_for(server.addr) as backend:
@@ -324,7 +333,7 @@ ODD_WRITE_ANSWERS = {
 
 
 @pytest.mark.parametrize("reply", ODD_WRITE_ANSWERS.values(), ids=ODD_WRITE_ANSWERS.keys())
-async def test_a_write_answered_oddly_is_backend_unavailable(peer: Any, reply: bytes) -> None:
+async def test_a_write_answered_oddly_is_backend_unavailable(peer: MakePeer, reply: bytes) -> None:
     server = await peer(replying(reply))
     async with backend_for(server.addr) as backend:
         with pytest.raises(VaultUnavailable):
@@ -361,7 +370,7 @@ ODD_METADATA_ANSWERS = {
 
 
 @pytest.mark.parametrize("reply", ODD_METADATA_ANSWERS.values(), ids=ODD_METADATA_ANSWERS.keys())
-async def test_metadata_answered_oddly_is_backend_unavailable(peer: Any, reply: bytes) -> None:
+async def test_metadata_answered_oddly_is_backend_unavailable(peer: MakePeer, reply: bytes) -> None:
     server = await peer(replying(reply))
     async with backend_for(server.addr) as backend:
         with pytest.raises(VaultUnavailable):
@@ -379,14 +388,16 @@ ODD_LIST_ANSWERS = {
 
 
 @pytest.mark.parametrize("reply", ODD_LIST_ANSWERS.values(), ids=ODD_LIST_ANSWERS.keys())
-async def test_a_listing_answered_oddly_is_backend_unavailable(peer: Any, reply: bytes) -> None:
+async def test_a_listing_answered_oddly_is_backend_unavailable(
+    peer: MakePeer, reply: bytes
+) -> None:
     server = await peer(replying(reply))
     async with backend_for(server.addr) as backend:
         with pytest.raises(VaultUnavailable):
             await backend.list_keys("app")
 
 
-async def test_a_server_that_never_answers_times_out_within_the_deadline(peer: Any) -> None:
+async def test_a_server_that_never_answers_times_out_within_the_deadline(peer: MakePeer) -> None:
     async def silent(request: Request, writer: asyncio.StreamWriter) -> bool:
         await asyncio.Event().wait()  # until the client gives up and the server stops
         return False
@@ -406,7 +417,7 @@ async def test_a_server_that_never_answers_times_out_within_the_deadline(peer: A
     assert observed == [("write", "timeout")]  # the metric's label
 
 
-async def test_statuses_map_to_service_errors(peer: Any) -> None:
+async def test_statuses_map_to_service_errors(peer: MakePeer) -> None:
     replies = iter(
         [
             answer(404, {"errors": []}),
@@ -449,7 +460,7 @@ async def test_statuses_map_to_service_errors(peer: Any) -> None:
     assert (metadata.method, metadata.target) == ("GET", "/v1/secret/metadata/app/db")
 
 
-async def test_a_write_of_secret_data_sends_its_values(peer: Any) -> None:
+async def test_a_write_of_secret_data_sends_its_values(peer: MakePeer) -> None:
     server = await peer(replying(answer(200, {"data": {"version": 2, "created_time": CREATED}})))
     async with backend_for(server.addr) as backend:
         # A rollback writes an old version's data as read: a SecretData, not a dict.
@@ -460,7 +471,7 @@ async def test_a_write_of_secret_data_sends_its_values(peer: Any) -> None:
     assert json.loads(request.body) == {"options": {"cas": 1}, "data": {"user": "app"}}
 
 
-async def test_chunked_answers_are_read_whole(peer: Any) -> None:
+async def test_chunked_answers_are_read_whole(peer: MakePeer) -> None:
     body = json.dumps(READ_ANSWER).encode()
 
     async def chunked(request: Request, writer: asyncio.StreamWriter) -> bool:
@@ -482,7 +493,7 @@ async def test_chunked_answers_are_read_whole(peer: Any) -> None:
 # -- (c) keep-alive, and what is sent again ----------------------------------------------------
 
 
-async def test_sequential_reads_share_one_connection(peer: Any) -> None:
+async def test_sequential_reads_share_one_connection(peer: MakePeer) -> None:
     server = await peer(replying(answer(200, READ_ANSWER)))
     async with backend_for(server.addr) as backend:
         for _ in range(20):
@@ -492,7 +503,9 @@ async def test_sequential_reads_share_one_connection(peer: Any) -> None:
     assert {(r.method, r.target) for r in server.requests} == {("GET", "/v1/secret/data/app/db")}
 
 
-async def test_concurrent_reads_open_no_more_connections_than_the_concurrency(peer: Any) -> None:
+async def test_concurrent_reads_open_no_more_connections_than_the_concurrency(
+    peer: MakePeer,
+) -> None:
     async def slow(request: Request, writer: asyncio.StreamWriter) -> bool:
         await asyncio.sleep(0.01)
         writer.write(answer(200, READ_ANSWER))
@@ -506,7 +519,7 @@ async def test_concurrent_reads_open_no_more_connections_than_the_concurrency(pe
 
 
 async def test_a_read_on_a_connection_the_server_closed_is_sent_again_on_a_new_one(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     # Answers, then closes without saying so (no Connection: close), as after an idle limit.
     server = await peer(replying(answer(200, READ_ANSWER), keep_open=False))
@@ -517,7 +530,7 @@ async def test_a_read_on_a_connection_the_server_closed_is_sent_again_on_a_new_o
     assert server.connections == 5
 
 
-async def test_a_write_is_never_sent_twice(peer: Any) -> None:
+async def test_a_write_is_never_sent_twice(peer: MakePeer) -> None:
     async def drop_writes(request: Request, writer: asyncio.StreamWriter) -> bool:
         if request.method == "POST":
             return False  # reset without an answer: Vault may or may not have written
@@ -578,7 +591,7 @@ def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 async def test_https_trusts_the_ca_bundle_named_by_requests_ca_bundle_and_no_other(
-    peer: Any, ca: trustme.CA, ca_file: Path, no_proxy_settings: pytest.MonkeyPatch
+    peer: MakePeer, ca: trustme.CA, ca_file: Path, no_proxy_settings: pytest.MonkeyPatch
 ) -> None:
     server = await peer(vault_like, tls=server_tls(ca))
     no_proxy_settings.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
@@ -642,7 +655,7 @@ class CountingProxy:
 
 
 async def test_https_goes_through_the_proxy_named_by_https_proxy_unless_no_proxy_says_not(
-    peer: Any, ca: trustme.CA, ca_file: Path, no_proxy_settings: pytest.MonkeyPatch
+    peer: MakePeer, ca: trustme.CA, ca_file: Path, no_proxy_settings: pytest.MonkeyPatch
 ) -> None:
     vault = await peer(vault_like, tls=server_tls(ca))
     proxy = CountingProxy()
@@ -665,7 +678,7 @@ async def test_https_goes_through_the_proxy_named_by_https_proxy_unless_no_proxy
 
 
 async def test_plain_http_goes_through_the_proxy_named_by_http_proxy(
-    peer: Any, no_proxy_settings: pytest.MonkeyPatch
+    peer: MakePeer, no_proxy_settings: pytest.MonkeyPatch
 ) -> None:
     vault = await peer(vault_like)
     proxy = CountingProxy()
@@ -730,7 +743,7 @@ async def many_reads(backend: HvacBackend, n: int) -> list[Any]:
 
 
 async def test_a_vault_denying_every_read_by_policy_makes_the_service_log_in_no_more(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     vault = AppRoleVault()  # the token stays valid: the 403s are the policy's
     server = await peer(vault.handle)
@@ -742,7 +755,7 @@ async def test_a_vault_denying_every_read_by_policy_makes_the_service_log_in_no_
 
 
 async def test_a_vault_refusing_every_token_gets_at_most_one_login_per_rate_window(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     vault = AppRoleVault()
     server = await peer(vault.handle)
@@ -761,7 +774,7 @@ async def test_a_vault_refusing_every_token_gets_at_most_one_login_per_rate_wind
 
 
 async def test_a_revoked_approle_token_is_replaced_once_and_the_read_succeeds(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     vault = AppRoleVault(kv_allows=True)
     server = await peer(vault.handle)
@@ -775,7 +788,7 @@ async def test_a_revoked_approle_token_is_replaced_once_and_the_read_succeeds(
 
 
 async def test_a_token_past_its_lease_is_replaced_without_asking_vault_about_it(
-    peer: Any,
+    peer: MakePeer,
 ) -> None:
     vault = AppRoleVault(kv_allows=True, lease=1)
     server = await peer(vault.handle)
@@ -789,7 +802,7 @@ async def test_a_token_past_its_lease_is_replaced_without_asking_vault_about_it(
     assert vault.lookups == 0
 
 
-async def test_a_service_token_is_never_replaced(peer: Any) -> None:
+async def test_a_service_token_is_never_replaced(peer: MakePeer) -> None:
     vault = AppRoleVault()
     server = await peer(vault.handle)
     async with backend_for(server.addr) as backend:

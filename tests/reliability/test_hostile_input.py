@@ -263,6 +263,13 @@ async def _stream_body(target: Target, path: bytes, size: int, *, chunked: bool)
 async def test_after_every_hostile_input_the_service_is_healthy_and_writes(
     target: Target,
 ) -> None:
+    # Every path and body of the corpora is sent here too, so this holds in any test order.
+    for raw in BAD_TARGETS.values():
+        assert await raw_request(target.url, "GET", raw, target.tokens["admin"], b"") == 400
+    for hostile, expected in BAD_BODIES.values():
+        raw = f"/secrets/app/hostile-{uuid.uuid4().hex[:8]}/db".encode()
+        status = await raw_request(target.url, "PATCH", raw, target.tokens["writer"], hostile)
+        assert status == expected
     async with httpx.AsyncClient(base_url=target.url, timeout=10) as client:
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200

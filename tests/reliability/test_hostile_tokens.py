@@ -134,7 +134,7 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-Headers = dict[str, str] | dict[str, bytes]
+Headers = dict[str, str] | dict[bytes, bytes]
 Corpus = dict[str, tuple[Headers, str | None]]
 
 
@@ -159,7 +159,7 @@ def corpus(keys: Keys, issuers: Issuers) -> Corpus:
         "two_segments": (_bearer(f"{header}.{payload}"), "malformed"),
         "token_with_inner_space": (_bearer(f"{header}.{payload} .{signature}"), "malformed"),
         "oversized": (_bearer(valid + "A" * (MAX_TOKEN_LENGTH + 1 - len(valid))), "malformed"),
-        "non_ascii": ({"Authorization": b"Bearer " + "é.é.é".encode()}, "malformed"),
+        "non_ascii": ({b"Authorization": b"Bearer " + "é.é.é".encode()}, "malformed"),
         # shape of the header and payload
         "header_not_an_object": (_bearer(_raw(b"[1]", b"{}", keys.rsa)), "malformed"),
         "header_invalid_utf8": (

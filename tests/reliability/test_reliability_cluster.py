@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from devstack import NatsServer
+from events.bus import EventBus
 from service.core.manager import SecretsManager
 from tests.support import (
     bearer,
@@ -24,6 +25,15 @@ from tests.support import (
 )
 
 FALLBACK_TTL = 1.0
+# Added to a bound for a loaded 2-core machine, where three instances share the test's loop.
+SLACK = 1.0
+# How long an event may take to arrive here before a test fails: a deadline, not a latency
+# figure (`make bench` measures propagation: bench/results/latest.json, "propagation").
+EVENT_DEADLINE = 5.0
+# NATS up, reads on B are only as stale as an event's way there; were events not evicting, a
+# read would be as stale as the phase is long (the cache TTL, 300 s, is far longer). A phase
+# several times the bound tells the two apart.
+STEADY_SECONDS = 3.0
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Instance:
     url: str
     node: NatsServer
     manager: SecretsManager
-    bus: Any
+    bus: EventBus
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +157,7 @@ async def test_concurrent_cas_increments_over_three_instances_lose_no_update(
     # Every instance converges on the final value.
     async with httpx.AsyncClient(timeout=10) as client:
         for inst in instances:
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + EVENT_DEADLINE
             while True:
                 got = await client.get(f"{inst.url}/secrets/{path}", headers=bearer(token))
                 if got.json()["data"] == {"count": successes}:
@@ -196,16 +206,17 @@ async def test_a_nats_node_sigkilled_and_restarted_keeps_the_staleness_bound(
     disconnects = b.bus.disconnects
     tasks = [asyncio.get_running_loop().create_task(f()) for f in (write_on_a, read_on_b)]
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(STEADY_SECONDS)
         killed = time.monotonic()
         process = b.node.process
         assert process is not None
         process.kill()  # SIGKILL: no goodbye to the clients, no JetStream step-down
-        process.wait()
+        # Waits, off the loop the instances share, so that reads and writes go on meanwhile.
+        await asyncio.to_thread(process.wait)
         await asyncio.sleep(3.0)
         assert b.bus.disconnects > disconnects, "B never noticed its node died"
         restarted = time.monotonic()
-        b.node.start()  # same ports and JetStream store
+        await asyncio.to_thread(b.node.start)  # same ports and JetStream store
         await asyncio.sleep(3.0)
     finally:
         running = False
@@ -225,11 +236,11 @@ async def test_a_nats_node_sigkilled_and_restarted_keeps_the_staleness_bound(
         worst(killed, restarted),
         worst(restarted, ended),
     )
-    # NATS up: an event evicts within milliseconds (0.5 s leaves room for a noisy machine).
-    assert steady_before < 0.5
+    # NATS up: events evict, so no read is stale for as long as the steady phase lasted.
+    assert steady_before < STEADY_SECONDS / 3
     # Node down: B reconnects to another node; meanwhile the fallback TTL bounds what it serves.
-    assert while_down < FALLBACK_TTL + 0.5
-    assert after_restart < FALLBACK_TTL + 0.5
+    assert while_down < FALLBACK_TTL + SLACK
+    assert after_restart < FALLBACK_TTL + SLACK
     assert len(reads) > 300 and len(acked) > 100
     record_figures(
         "nats_node_sigkill",

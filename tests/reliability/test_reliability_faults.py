@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,20 @@ from devstack import OpenBaoServer, ServiceProcess
 from tests.support import bearer, record_figures, service_environ, write_policy
 
 VAULT_TIMEOUT = 1.0
-# A request needing Vault ends within the per-call timeout plus the deadline on a free worker.
-REQUEST_BOUND = VAULT_TIMEOUT * 2 + 1
+# The service ends a Vault call by 2 x timeout + 1 s: up to timeout + 1 s waiting for a free
+# worker, then the call's own timeout (`service.vault.backend`, README "503 within ...").
+VAULT_DEADLINE = VAULT_TIMEOUT * 2 + 1
+# What a bound in this file adds for a loaded 2-core machine: the service's event loop, the
+# test's client and up to 80 requests at once all wait for a core (`make reliability` measured
+# 503s at most 0.1 s past the deadline on a quiet one).
+SLACK = 2.0
+# A request needing Vault while it hangs is answered 503 by then.
+REQUEST_BOUND = VAULT_DEADLINE + SLACK
+# Any request that waited on a Vault call took at least the call's timeout: one answered
+# sooner did not wait on Vault.
+NO_VAULT_WAIT = VAULT_TIMEOUT
+# `/readyz` re-checks Vault at most once a second (`service.http.resources.Readiness`).
+READINESS_RECHECK = 1.0
 VERSIONS_PER_PATH = 5
 
 
@@ -52,6 +64,16 @@ def _process(
         openbao, nats, oidc, write_policy(directory), log_level="WARNING", **overrides
     )
     return ServiceProcess(environ, log_path=directory / "service.log")
+
+
+@contextlib.asynccontextmanager
+async def serving(svc: ServiceProcess) -> AsyncIterator[ServiceProcess]:
+    """`with svc:` off the event loop: starting waits for /healthz, stopping for the exit."""
+    await asyncio.to_thread(svc.start)
+    try:
+        yield svc
+    finally:
+        await asyncio.to_thread(svc.stop)
 
 
 @dataclass
@@ -85,7 +107,7 @@ class Traffic:
             self.outcomes.append(Outcome(kind, started, status, time.monotonic() - started))
             await asyncio.sleep(0.02)
 
-    def _request(self, kind: str, n: int) -> Any:
+    def _request(self, kind: str, n: int) -> Coroutine[Any, Any, httpx.Response]:
         if kind == "cached_read":
             return self.client.get(
                 f"/secrets/{self.cached_path}", headers=bearer(self.tokens["reader"])
@@ -116,7 +138,9 @@ class Traffic:
         ]
 
 
-async def _until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
+async def _until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.05
+) -> float:
     """Seconds until `await predicate()` held; AssertionError past `timeout`."""
     started = time.monotonic()
     while not await predicate():
@@ -137,7 +161,7 @@ async def test_openbao_stopped_mid_traffic_gives_503_serves_the_cache_and_recove
         vault_timeout=str(VAULT_TIMEOUT),
         vault_poll_interval="1",
     )
-    with svc:
+    async with serving(svc):
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
             cached = f"app/cached-{uuid.uuid4().hex[:8]}"
             created = await client.patch(
@@ -151,10 +175,11 @@ async def test_openbao_stopped_mid_traffic_gives_503_serves_the_cache_and_recove
             try:
                 await asyncio.sleep(1.0)
                 stopped = time.monotonic()
-                own_openbao.stop()
+                await asyncio.to_thread(own_openbao.stop)
                 await asyncio.sleep(4.0)
                 restarted = time.monotonic()
-                own_openbao.start()  # same port and root token, empty (dev mode is in memory)
+                # Same port and root token, empty (dev mode is in memory).
+                await asyncio.to_thread(own_openbao.start)
                 back = time.monotonic()
 
                 async def ready() -> bool:
@@ -188,8 +213,8 @@ async def test_openbao_stopped_mid_traffic_gives_503_serves_the_cache_and_recove
     before = [o for o in traffic.outcomes if o.started + o.seconds < stopped]
     assert before and all(o.status == 200 for o in before if o.kind != "uncached_read")
     assert all(o.status == 404 for o in before if o.kind == "uncached_read")
-    # While OpenBao is down (after the first second, when readiness is re-checked):
-    down = (stopped + 1.2, restarted)
+    # While OpenBao is down, once readiness has been re-checked since the stop:
+    down = (stopped + READINESS_RECHECK + SLACK, restarted)
     cached_reads = traffic.between("cached_read", *down)
     assert cached_reads and all(o.status == 200 for o in cached_reads)
     for kind in ("uncached_read", "write", "readyz"):
@@ -223,7 +248,7 @@ async def test_openbao_frozen_under_load_gives_503_in_time_and_no_pool_runs_dry(
         vault_concurrency=str(concurrency),
         vault_poll_interval="0",
     )
-    with svc:
+    async with serving(svc):
         async with httpx.AsyncClient(
             base_url=svc.url, timeout=30, limits=httpx.Limits(max_connections=200)
         ) as client:
@@ -278,14 +303,16 @@ async def test_openbao_frozen_under_load_gives_503_in_time_and_no_pool_runs_dry(
     by_kind = {k: [o for o in frozen if o.kind == k] for k in ("uncached", "write", "cached")}
     for kind in ("uncached", "write"):
         assert {o.status for o in by_kind[kind]} == {503}, kind
-        assert max(o.seconds for o in by_kind[kind]) < REQUEST_BOUND + 0.5, kind
+        assert max(o.seconds for o in by_kind[kind]) < REQUEST_BOUND, kind
     # What needs no Vault call never waits for it: the event loop and the cache stay free.
     assert {o.status for o in by_kind["cached"]} == {200}
-    assert max(o.seconds for o in by_kind["cached"]) < 0.5
-    assert all(o.status == 200 and o.seconds < 0.5 for o in frozen if o.kind == "healthz")
-    # After the thaw every request succeeds at once: no worker or connection was left stuck.
+    assert max(o.seconds for o in by_kind["cached"]) < NO_VAULT_WAIT
+    healthz = [o for o in frozen if o.kind == "healthz"]
+    assert all(o.status == 200 and o.seconds < NO_VAULT_WAIT for o in healthz)
+    # After the thaw every request succeeds: no worker or connection was left stuck (a request
+    # queued behind a stuck one would have met its deadline, a 503).
     assert all(o.status in (200, 404) for o in thawed), [o for o in thawed if o.status >= 500]
-    assert max(o.seconds for o in thawed) < 3.0
+    assert max(o.seconds for o in thawed) < VAULT_DEADLINE
     # The pool bounds what waits on a hanging Vault: no thread or connection per request.
     assert vault_connections <= concurrency
     assert threads_during <= threads_before + concurrency
@@ -340,7 +367,7 @@ async def test_every_write_acknowledged_before_a_sigkill_is_in_vault(
     acked: list[tuple[str, int, dict[str, Any]]] = []
     unanswered: list[tuple[str, int, dict[str, Any]]] = []
     run = uuid.uuid4().hex[:8]
-    with svc:
+    async with serving(svc):
         async with httpx.AsyncClient(base_url=svc.url, timeout=10) as client:
 
             async def writer(w: int) -> None:
@@ -365,7 +392,7 @@ async def test_every_write_acknowledged_before_a_sigkill_is_in_vault(
 
             tasks = [asyncio.get_running_loop().create_task(writer(w)) for w in range(writers)]
             await asyncio.sleep(2.0)
-            svc.kill()
+            await asyncio.to_thread(svc.kill)
             killed_at_acks = len(acked)
             await asyncio.wait_for(asyncio.gather(*tasks), 15)
 
@@ -388,7 +415,7 @@ async def test_every_write_acknowledged_before_a_sigkill_is_in_vault(
     (tmp_path / "again").mkdir()
     restarted = _process(openbao, nats, oidc, tmp_path / "again")
     newest = {path: version for path, version, _ in acked}
-    with restarted:
+    async with serving(restarted):
         async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
             for path, version in newest.items():
                 got = await client.get(f"/secrets/{path}", headers=bearer(tokens["reader"]))

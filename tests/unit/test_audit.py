@@ -16,7 +16,7 @@ import pytest
 
 from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import AuditUnavailable, ConfigError
-from service.audit.log import AuditLog, LineSink
+from service.audit import AuditLog, LineSink
 from tests.fakes import FakePublisher, eventually
 
 

@@ -484,7 +484,7 @@ async def test_es384_naming_a_p256_key_is_a_bad_algorithm(
     assert await rejection(verifier, token) == "bad_algorithm"
 
 
-async def test_symmetric_keys_in_the_jwks_are_never_used(
+async def test_a_symmetric_key_in_the_jwks_does_not_verify_an_hs256_token(
     issuer: FakeIssuer, make_verifier: MakeVerifier
 ) -> None:
     secret = b"a shared secret of enough length"
@@ -787,7 +787,7 @@ async def test_cached_answers_only_for_a_token_verified_before_and_not_expired(
 # --- logging --------------------------------------------------------------------------------------
 
 
-async def test_each_failure_logs_one_line_with_the_reason_and_never_the_token(
+async def test_a_failure_logs_one_line_with_the_reason_and_never_the_token(
     verifier: OIDCVerifier, rsa_key: RSAKey, caplog: pytest.LogCaptureFixture
 ) -> None:
     token = sign(claims(aud="another-service", sub="very-private-subject"), rsa_key)

@@ -98,7 +98,9 @@ def test_serve_with_a_missing_policy_file_exits_2_with_one_line_naming_it(
     assert_one_line_naming(serve(settings), "SECRETS_POLICY_FILE")
 
 
-def test_a_config_error_line_never_shows_the_vault_token(settings: dict[str, str]) -> None:
+def test_the_config_error_line_for_a_bad_port_does_not_show_the_vault_token(
+    settings: dict[str, str],
+) -> None:
     settings["SECRETS_PORT"] = "-1"
     result = serve(settings)
     assert result.returncode == 2

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.secret import REDACTED, SecretData
 from service.core.manager import SecretsManager
-from service.obs.logs import BatchingStreamHandler, JsonFormatter, log_request, request_context
+from service.http.trace import RequestTrace
+from service.obs.logs import BatchingStreamHandler, JsonFormatter, log_context, log_request
 from service.obs.metrics import Metrics
 from service.timestamps import to_millis, utc_micros, utc_millis, utc_now
 from tests.fakes import FakeClock, FakeVault
@@ -115,13 +116,14 @@ def capture() -> tuple[logging.Logger, io.StringIO, logging.Handler]:
 
 def test_log_request_writes_the_line_logger_info_with_the_context_would() -> None:
     logger, stream, _ = capture()
-    ctx = {"request_id": "r-1", "actor": "alice", "path": PATH, "op": "read", "version": 2}
+    trace = RequestTrace(request_id="r-1", actor="alice", path=PATH, op="read", version=2)
+    ctx = trace.log_fields()
     answer = {"method": "GET", "status": 200, "outcome": "ok", "duration_ms": 0.05}
-    token = request_context.set(ctx)
+    token = log_context.set(trace)
     try:
         logger.info("request", extra=answer)
     finally:
-        request_context.reset(token)
+        log_context.reset(token)
     log_request(logger, {**ctx, **answer, "password": CANARY, "items": [CANARY]})
     classic, fast = (json.loads(line) for line in stream.getvalue().splitlines())
     for line in (classic, fast):

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from schemas.secret import Secret, SecretData, redact_url
-from service.obs.logs import JsonFormatter, request_context
+from service.http.trace import RequestTrace
+from service.obs.logs import JsonFormatter, log_context
 
 CANARY = "canary-41aa-log-never-shows"
 
@@ -37,14 +38,14 @@ def test_a_line_has_time_level_logger_and_message() -> None:
     assert out["time"].endswith("+00:00")
 
 
-def test_the_request_context_is_on_every_line_logged_within_the_request() -> None:
-    token = request_context.set(
-        {"request_id": "r-9", "actor": "alice", "path": "app/db", "op": "read", "version": 2}
+def test_a_line_logged_within_a_request_carries_the_request_context() -> None:
+    token = log_context.set(
+        RequestTrace(request_id="r-9", actor="alice", path="app/db", op="read", version=2)
     )
     try:
         out = formatted(status=200, outcome="ok", duration_ms=1.5)
     finally:
-        request_context.reset(token)
+        log_context.reset(token)
     assert {k: out[k] for k in ("request_id", "actor", "path", "op", "version")} == {
         "request_id": "r-9", "actor": "alice", "path": "app/db", "op": "read", "version": 2,
     }  # fmt: skip

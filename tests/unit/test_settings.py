@@ -7,6 +7,7 @@ not read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -189,8 +190,12 @@ def test_a_bad_value_is_a_config_error_naming_its_variable(name: str, value: str
     assert error.problem
 
 
-def test_the_vault_token_is_never_in_a_config_error() -> None:
-    error = config_error(environ(vault_token="hvs.do-not-show", port="x"))
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("port", "x"), ("cache_ttl", "-1"), ("log_level", "LOUD"), ("oidc_algorithms", "HS256")],
+)
+def test_the_vault_token_is_in_no_config_error(name: str, value: str) -> None:
+    error = config_error(environ(vault_token="hvs.do-not-show", **{name: value}))
     assert "hvs.do-not-show" not in str(error)
 
 
@@ -221,7 +226,9 @@ def test_a_config_file_key_may_be_written_with_or_without_the_prefix(
     assert Settings.from_environ({**REQUIRED, "SECRETS_CONFIG": file}).port == 9000
 
 
-def test_a_config_file_can_hold_every_setting(tmp_path: Path) -> None:
+def test_a_config_file_holds_strings_lists_and_numbers_under_either_key_spelling(
+    tmp_path: Path,
+) -> None:
     file = write(
         tmp_path,
         """
@@ -281,9 +288,9 @@ def test_an_empty_environment_variable_does_not_hide_the_config_files_value(
     ],
 )
 def test_an_unreadable_or_invalid_config_file_names_secrets_config(
-    tmp_path: Path, make_file: object
+    tmp_path: Path, make_file: Callable[[Path], str]
 ) -> None:
-    file = make_file(tmp_path)  # type: ignore[operator]
+    file = make_file(tmp_path)
     error = config_error({**REQUIRED, "SECRETS_CONFIG": file})
     assert error.setting == "SECRETS_CONFIG"
 

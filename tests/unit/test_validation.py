@@ -161,7 +161,7 @@ def test_a_field_maximum_length_overrides_the_rule_maximum() -> None:
     assert ("password", "max_length") in rules(violations)
 
 
-def test_the_rule_maximum_length_applies_to_every_other_string() -> None:
+def test_the_rule_maximum_length_applies_to_a_string_field_without_a_maximum_of_its_own() -> None:
     violations = validator().validate("app/db", {**GOOD_DB, "host": "h" * 257})
     assert rules(violations) == {("host", "max_length")}
 
