@@ -71,6 +71,9 @@ def create_app(
 class _SecretsApp(Starlette):
     """Starlette, with the service's own middleware stack."""
 
+    def add_middleware(self, middleware_class: Any, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the middleware stack is fixed in build_middleware_stack: add it there")
+
     def build_middleware_stack(self) -> ASGIApp:
         # One request id sequence and one recorder for both read paths.
         ids = RequestIds()

@@ -64,6 +64,7 @@ _OWN = frozenset({"time", "level", "logger", "message"})  # the formatter's fiel
 _SHOWN: set[str] = set()  # names that are never hidden, nor one of the formatter's fields
 _HEADS: dict[str, str] = {}  # logger name -> its request lines' fields after `time`
 _encode = msgspec.json.Encoder().encode
+_astuple = msgspec.structs.astuple
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,7 +198,7 @@ def _request_line(when: str, name: str, fields: dict[str, Any] | msgspec.Struct)
             shown = _SHOWN_STRUCTS[kind] = all(
                 not _hidden(field) and field not in _OWN for field in kind.__struct_fields__
             )
-        if shown and _SCALAR_OR_UNSET.issuperset(map(type, msgspec.structs.astuple(fields))):
+        if shown and _SCALAR_OR_UNSET.issuperset(map(type, _astuple(fields))):
             encoded = _encode(fields)
     elif fields.keys() <= _SHOWN and _SCALAR_TYPES.issuperset(map(type, fields.values())):
         encoded = _encode(fields)

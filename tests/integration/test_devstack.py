@@ -18,6 +18,8 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 import devstack
+import devstack.nats
+import devstack.openbao
 from devstack import (
     DEV_PERSONAS,
     DEV_POLICY_TOML,
@@ -126,7 +128,8 @@ def test_starting_on_a_port_already_in_use_is_refused_at_once(
 @pytest.fixture
 def lose_the_port_race(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the pre-start port check, as if another program took the port just after it."""
-    monkeypatch.setattr(devstack, "_check_port_free", lambda port, what: None)
+    for launcher in (devstack.openbao, devstack.nats):
+        monkeypatch.setattr(launcher, "check_port_free", lambda port, what: None)
 
 
 @pytest.mark.usefixtures("lose_the_port_race")
