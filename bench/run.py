@@ -4,7 +4,7 @@ Starts the real stack (OpenBao, a three-node NATS cluster, OpenBao as the OIDC i
 as separate processes, two `secrets-service serve` instances (default configuration: audit,
 metrics and logging on; one with the cache, one with it off) and a bare Starlette endpoint
 that returns the same bytes with no work at all, on the same server (uvicorn with the
-service's write-coalescing protocol, service/server.py) and, for reference, on uvicorn's own
+service's write-coalescing protocol, service/http/protocol.py) and, for reference, on uvicorn's own
 protocol. The 70% goal is reckoned against the former, the stricter of the two. Then measures:
 
 - HTTP reads with wrk, same threads, connections and duration for every target, in rounds

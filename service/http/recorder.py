@@ -48,7 +48,7 @@ class Recorder:
         outcome = outcome_for(status)
         now = utc_now()  # one reading for the audit record and the log line
         if audit is not None and trace.state is not _RECEIVED:
-            audit.submit(self.audit_record(audit, trace, scope, status, now))
+            audit.submit(self.audit_record(audit, trace, scope, status, outcome, now))
         op = trace.op
         if op is not UNSET:
             self.metrics.observe_operation(op, outcome, duration)
@@ -71,7 +71,8 @@ class Recorder:
     ) -> bool:
         """Write the record of a held answer now; False (and the trace refused for want of an
         audit sink) if no sink accepted it: the answer must not leave."""
-        if await audit.confirm(self.audit_record(audit, trace, scope, status)):
+        record = self.audit_record(audit, trace, scope, status, outcome_for(status))
+        if await audit.confirm(record):
             return True
         if trace.reason != "audit_unavailable":
             audit.refused += 1  # else already counted when the route refused it
@@ -81,9 +82,15 @@ class Recorder:
 
     @staticmethod
     def audit_record(
-        audit: AuditLog, trace: RequestTrace, scope: Scope, status: int, at: str | None = None
+        audit: AuditLog,
+        trace: RequestTrace,
+        scope: Scope,
+        status: int,
+        outcome: str,
+        at: str | None = None,
     ) -> AuditRecord:
-        # A field the trace never set is None in the record (inline: once per request).
+        """The audit record of `trace` answered with `status` (`outcome`), at `at` (now)."""
+        # A field the trace never set is None in the record (tested inline: every request runs it).
         t = trace
         client = scope.get("client")
         reason = None if t.reason is UNSET else t.reason
@@ -95,7 +102,7 @@ class Recorder:
             path=None if t.path is UNSET else t.path,
             version=None if t.version is UNSET else t.version,
             allowed=status not in (401, 403) and reason != "audit_unavailable",
-            outcome=outcome_for(status),
+            outcome=outcome,
             status=status,
             reason=reason,
             sub=None if t.actor is UNSET else t.actor,
