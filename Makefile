@@ -37,7 +37,10 @@ test: $(STAMP) lint typecheck
 RELIABILITY_TESTS := tests/reliability/test_reliability_cluster.py tests/reliability/test_reliability_faults.py \
 	tests/reliability/test_hostile_tokens.py tests/reliability/test_hostile_input.py tests/reliability/test_schemathesis.py \
 	tests/integration/test_jwks_refresh.py tests/integration/test_vault_http.py tests/integration/test_server.py tests/integration/test_https.py \
-	tests/integration/test_listing.py tests/integration/test_bus_security.py tests/integration/test_nats_auth.py
+	tests/integration/test_listing.py tests/integration/test_bus_security.py tests/integration/test_nats_auth.py \
+	tests/unit/service/auth/test_oidc_refresh.py tests/unit/service/vault/test_backend.py tests/unit/service/http/test_protocol.py \
+	tests/unit/service/http/test_serving.py tests/unit/service/core/test_listing.py tests/unit/schemas/test_globs.py \
+	tests/unit/service/core/test_coherence.py tests/unit/events/test_bus.py
 reliability: $(STAMP)
 	rm -f bench/results/reliability.jsonl
 	RELIABILITY_FIGURES=bench/results/reliability.jsonl $(BIN)/pytest $(RELIABILITY_TESTS)

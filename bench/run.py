@@ -937,12 +937,28 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
+    if out == RESULTS / "latest":
+        quote_in_readme(markdown(result))
     print(markdown(result))
     ahead = result["ratios"]["cached_over_openbao"]
     if ahead <= 1.0:
         print(f"FAIL: cached reads are not ahead of OpenBao ({ahead}×)", file=sys.stderr)
         return 1
     return 0
+
+
+README = ROOT / "README.md"
+README_BEGIN = "<!-- bench/results/latest.md: written by bench/run.py, not by hand -->\n"
+README_END = "<!-- end of bench/results/latest.md -->\n"
+
+
+def quote_in_readme(table: str, readme: Path = README) -> None:
+    """Put `table` (latest.md) between the README's markers: the docs quote the committed
+    result, never a retyped copy of it (tests/unit/test_bench_report.py checks they agree)."""
+    text = readme.read_text()
+    begin = text.index(README_BEGIN) + len(README_BEGIN)
+    end = text.index(README_END, begin)
+    readme.write_text(text[:begin] + "\n" + table.strip() + "\n\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Fakes at the seams, each checked against its protocol at the end: KV v2 in memory and a spy
-(VaultBackend), an event sink, a bus handler, an audit publisher; and a clock.
+(VaultBackend), an event sink, a bus handler, an audit publisher; a clock; forged event bytes.
 
 No server, no thread, no network: each fake records what it was asked so tests can count calls.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.api import SecretMetadata, VersionMetadata
 from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import NotFound, VaultUnavailable, VersionConflict
-from schemas.events import ChangeEvent, LifecycleEvent
+from schemas.events import ChangeEvent, LifecycleEvent, SecretUpdated, event_encoder
 from schemas.secret import Secret, SecretData
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = [
     "RecordingSink",
     "SpyBackend",
     "eventually",
+    "forged",
 ]
 
 
@@ -339,6 +341,19 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {timeout}s")
         await asyncio.sleep(interval)
+
+
+def forged(kind: type[Any] = SecretUpdated, **fields: Any) -> bytes:
+    """The payload of a `kind` event as a forger publishes it: `fields` over a fresh event id,
+    actor `mallory`, instance `forger` and the time now."""
+    values: dict[str, Any] = {
+        "event_id": uuid.uuid4().hex,
+        "actor": "mallory",
+        "instance_id": "forger",
+        "time": datetime.now(UTC).isoformat(),
+    }
+    values.update(fields)
+    return event_encoder.encode(kind(**values))
 
 
 if TYPE_CHECKING:

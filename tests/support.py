@@ -1,4 +1,5 @@
-"""Test helpers: run the real app under uvicorn in the test's event loop, capture its logs."""
+"""Test helpers: run the real app under uvicorn in the test's event loop, capture its logs; and
+what unit and integration tests share (a Vault client, a test CA and TLS files, a busy port)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import io
 import json
 import logging
 import os
+import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import httpx
 import pytest
+import trustme
 import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -23,8 +28,10 @@ from devstack import DEV_POLICY_TOML, NatsEndpoint, OpenBaoEndpoint, free_port
 from events.bus import EventBus
 from service.http.app import create_app
 from service.http.protocol import HttpProtocol
+from service.http.serving import server_config
 from service.obs.logs import JsonFormatter
 from service.settings import Settings
+from service.vault.backend import HvacBackend
 from service.vault.protocol import VaultBackend
 
 
@@ -275,3 +282,88 @@ def skip_unless_required(reason: str) -> NoReturn:
     if os.environ.get(REQUIRE_SERVERS_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_SERVERS_ENV}=1: make test needs it)", pytrace=False)
     pytest.skip(reason)
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+# --- shared by unit and integration tests: import a fixture, then bind it in the module ----------
+
+
+@contextlib.asynccontextmanager
+async def backend_for(addr: str, **options: Any) -> AsyncIterator[HvacBackend]:
+    backend = HvacBackend(addr, **{"token": "t0ken", "timeout": 2.0, **options})
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def listening_port() -> Iterator[int]:
+    """A loopback port some other program is already listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert: Path  # the server's certificate chain, PEM
+    key: Path  # its private key, PEM
+    ca: Path  # the CA that signed it, PEM
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+@pytest.fixture
+def tls(ca: trustme.CA, tmp_path: Path) -> Tls:
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    files = Tls(cert=tmp_path / "tls.crt", key=tmp_path / "tls.key", ca=tmp_path / "ca.pem")
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(files.key))
+    ca.cert_pem.write_to_path(str(files.ca))
+    return files
+
+
+@contextlib.asynccontextmanager
+async def serving_as_serve(app: Any, settings: Settings) -> AsyncIterator[str]:
+    """`app` run as `secrets-service serve` runs it (`server_config`); yields its base URL."""
+    server = _Server(server_config(app, settings))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "the server did not start"
+            await asyncio.sleep(0.02)
+        scheme = "https" if settings.tls_cert else "http"
+        yield f"{scheme}://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

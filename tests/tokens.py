@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from joserfc.jwa import JWS_ALGORITHMS
-from joserfc.jwk import Key
+from joserfc.jwk import ECKey, Key, RSAKey
 
 from devstack import free_port
 from schemas.errors import Unauthenticated
@@ -46,9 +46,12 @@ __all__ = [
     "count_signature_checks",
     "hs256",
     "http",
+    "k1",
+    "k2",
     "make_verifier",
     "rejection",
     "sign",
+    "token",
 ]
 
 ISSUER = "https://bao.test:8200/v1/identity/oidc"
@@ -96,6 +99,12 @@ def sign(payload: dict[str, Any], key: Key, alg: str = "RS256", **header: Any) -
     protected = {name: value for name, value in protected.items() if value is not DROP}
     signing_input = f"{b64json(protected)}.{b64json(payload)}"
     return f"{signing_input}.{b64(ALGS[alg].sign(signing_input.encode(), key))}"
+
+
+def token(key: Key, kid: str | None = None, **overrides: Any) -> str:
+    """A token signed by `key` (under `kid` if given) with good claims but for `overrides`."""
+    alg = "ES256" if isinstance(key, ECKey) else "RS256"
+    return sign(claims(**overrides), key, alg, kid=kid or key.kid)
 
 
 def hs256(payload: dict[str, Any], secret: bytes, kid: str) -> str:
@@ -150,6 +159,16 @@ class FakeIssuer:
 
 
 # Shared fixtures: a module imports the ones it uses and defines its own `issuer` (a FakeIssuer).
+
+
+@pytest.fixture(scope="module")
+def k1() -> RSAKey:
+    return RSAKey.generate_key(2048, parameters={"kid": "k1"})
+
+
+@pytest.fixture(scope="module")
+def k2() -> ECKey:
+    return ECKey.generate_key("P-256", parameters={"kid": "k2"})
 
 
 @pytest.fixture

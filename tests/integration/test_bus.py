@@ -1,10 +1,9 @@
-"""EventBus: publish retries and failures and what it does with what arrives (no server);
-starting against NATS without JetStream, and stream updates (real nats-server)."""
+"""EventBus against a real nats-server: starting against one without JetStream, and stream
+updates. Without a server (publish retries, what arrives): tests/unit/events/test_bus.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import time
@@ -14,124 +13,11 @@ from typing import Any
 
 import nats as nats_client
 import pytest
-from nats.errors import TimeoutError as NatsTimeout
 
 from devstack import NatsEndpoint, find_binary, free_port
 from events.bus import EventBus, ensure_stream
 from schemas.errors import ConfigError
-from schemas.events import SecretUpdated, event_encoder
 from tests.fakes import RecordingHandler
-
-
-class FlakyJetStream:
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
-
-    async def publish(
-        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str]
-    ) -> None:
-        self.calls.append((subject, payload, headers))
-        if len(self.calls) <= self.failures:
-            raise NatsTimeout()
-
-
-def event(instance: str = "other", version: int = 2) -> SecretUpdated:
-    return SecretUpdated(
-        event_id="e1",
-        path="app/db.main",
-        version=version,
-        actor="alice",
-        instance_id=instance,
-        time="2026-11-28T00:00:00+00:00",
-    )
-
-
-async def settle(bus: EventBus) -> None:
-    while bus._tasks:
-        await asyncio.sleep(0.01)
-
-
-async def test_a_failed_publish_is_retried_until_it_succeeds() -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me", publish_attempts=4)
-    js = FlakyJetStream(failures=2)
-    bus.js = js
-    bus.publish(event())
-    await settle(bus)
-    assert len(js.calls) == 3
-    assert bus.published == 1 and bus.publish_failures == 0
-    subject, payload, headers = js.calls[-1]
-    assert subject == "secrets.changed.app.db%2Emain"
-    assert headers == {"Nats-Msg-Id": "e1"}  # the stream drops a retried duplicate
-
-
-async def test_a_publish_that_keeps_failing_is_counted_and_never_raises(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me", publish_attempts=3)
-    bus.js = FlakyJetStream(failures=99)
-    bus.publish(event())
-    await settle(bus)
-    assert bus.published == 0 and bus.publish_failures == 1
-    assert "event not published" in caplog.text
-
-
-async def test_publishing_while_never_connected_is_counted_as_a_failure() -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me", publish_attempts=2)
-    bus.publish(event())
-    await settle(bus)
-    assert bus.publish_failures == 1
-
-
-def test_an_event_from_another_instance_is_applied() -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me")
-    handler = RecordingHandler()
-    bus._handler = handler
-    bus._handle(event_encoder.encode(event("other", 7)), "secrets.changed.app.db%2Emain")
-    assert handler.changes == [("app/db.main", 7)]
-    assert bus.received == 1
-
-
-def test_our_own_event_is_not_applied_again() -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me")
-    handler = RecordingHandler()
-    bus._handler = handler
-    bus._handle(event_encoder.encode(event("me")), "secrets.changed.app.db%2Emain")
-    assert handler.changes == []
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"",
-        b"not json",
-        b'{"type": "secret.updated"}',
-        b'{"type": "nope", "path": "x"}',
-        b'{"type": "secret.updated", "path": "\xff\xfe"}',  # invalid UTF-8 in a string
-        b'{"type": "secret.updated", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-    ],
-)
-def test_an_undecodable_event_is_dropped_and_counted(payload: bytes) -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me")
-    handler = RecordingHandler()
-    bus._handler = handler
-    bus._handle(payload, "secrets.changed.app.db%2Emain")
-    assert handler.changes == [] and bus.dropped["undecodable"] == 1
-
-
-def test_the_event_payload_has_no_data_field() -> None:
-    decoded: dict[str, Any] = json.loads(event_encoder.encode(event()))
-    assert set(decoded) == {"type", "event_id", "path", "version", "actor", "instance_id", "time"}
-
-
-async def test_an_unreachable_nats_at_start_is_a_config_error_not_a_hang() -> None:
-    # nats-py retries a first connection forever when reconnects are endless: bounded here.
-    bus = EventBus([f"nats://127.0.0.1:{free_port()}"], "secrets", instance_id="me")
-    started = asyncio.get_running_loop().time()
-    with pytest.raises(ConfigError) as info:
-        await bus.connect(RecordingHandler(), connect_timeout=0.2)
-    assert info.value.setting == "SECRETS_NATS_URL"
-    assert asyncio.get_running_loop().time() - started < 2.0
 
 
 async def test_a_nats_without_jetstream_is_a_config_error_after_a_bounded_wait(

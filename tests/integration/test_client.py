@@ -1,6 +1,7 @@
 """ChangeListener against a real nats-server: patterns, replay by sequence and time, resilience.
 
 Each test gets its own subject prefix and stream, so tests neither see nor disturb each other.
+Without a server: tests/unit/events/test_listener.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import nats as nats_client
 import pytest
 from nats.js import JetStreamContext
 
-import events
 from devstack import NatsEndpoint, NatsServer
 from events.bus import ensure_stream
-from events.listener import Change, ChangeListener, UnknownChange, decode_change
+from events.listener import Change, ChangeListener, UnknownChange
 from events.subjects import changed_subject
 from schemas.events import SecretCreated, SecretUpdated, event_encoder
 
@@ -313,39 +313,3 @@ async def test_missing_stream_raises_connection_error(stream: Stream) -> None:
     with pytest.raises(ConnectionError, match="NO_SUCH_STREAM"):
         async with listener:
             pass
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"start_sequence": 3, "start_time": datetime.now(UTC)},
-        {"start_sequence": 3, "deliver_new": True},
-        {"start_sequence": 0},
-        {"start_time": datetime(2026, 1, 1)},  # naive
-        {"pattern": "app/**/**"},
-        {"prefix": "bad prefix"},
-        {"heartbeat": 0},
-    ],
-)
-def test_invalid_options_are_refused_at_construction(options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        ChangeListener("nats://127.0.0.1:4222", **options)
-
-
-async def test_iterating_before_entering_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="async with"):
-        await anext(ChangeListener("nats://127.0.0.1:4222"))
-
-
-def test_decode_change_falls_back_only_for_unknown_types() -> None:
-    assert isinstance(decode_change(b'{"type": "secret.renamed", "path": "a"}'), UnknownChange)
-    with pytest.raises(ValueError):  # msgspec.DecodeError is a ValueError
-        decode_change(b'{"type": "secret.created", "path": "a"}')
-    with pytest.raises(ValueError):
-        decode_change(b'{"type": "secret.renamed"}')
-
-
-def test_events_package_exports_the_client() -> None:
-    assert events.__all__ == sorted(events.__all__)
-    for name in ["Change", "ChangeListener", "UnknownChange", "decode_change"]:
-        assert name in events.__all__ and hasattr(events, name)

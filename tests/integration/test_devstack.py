@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +19,6 @@ import devstack.nats
 import devstack.openbao
 from devstack import (
     DEV_PERSONAS,
-    DEV_POLICY_TOML,
     BinaryNotFound,
     DevStackError,
     NatsEndpoint,
@@ -34,9 +30,13 @@ from devstack import (
     find_binary,
     start_nats_cluster,
 )
+from tests import support
 from tests.support import skip_unless_required
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# A fixture of tests/support.py, shared with the unit tests.
+listening_port = support.listening_port
 
 
 def _require(name: str, package: str) -> None:
@@ -52,15 +52,6 @@ def _pid_is_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-@pytest.fixture
-def listening_port() -> Iterator[int]:
-    """A loopback port some other program is already listening on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def _verified_claims(oidc: OidcIssuer, token: str) -> tuple[dict[str, object], str]:
@@ -112,16 +103,6 @@ def test_paused_openbao_stalls_requests_until_resumed() -> None:
         assert health.status_code == 200
         # Stopping a paused server must not wait out the grace period on a frozen process.
         server.pause()
-    assert server.process is None
-
-
-@pytest.mark.parametrize("server_type", [OpenBaoServer, NatsServer])
-def test_starting_on_a_port_already_in_use_is_refused_at_once(
-    listening_port: int, server_type: type[OpenBaoServer] | type[NatsServer]
-) -> None:
-    server = server_type(port=listening_port)
-    with pytest.raises(DevStackError, match=f"port {listening_port} .* already in use"):
-        server.start(timeout=15)
     assert server.process is None
 
 
@@ -262,19 +243,6 @@ def test_unknown_persona_is_a_clear_error(oidc: OidcIssuer) -> None:
         oidc.mint("nobody")
 
 
-def test_a_missing_binary_names_the_package_that_provides_it() -> None:
-    with pytest.raises(BinaryNotFound, match="install no-such-package"):
-        find_binary("no-such-binary-for-devstack", "no-such-package")
-
-
-def test_dev_policy_grants_the_roles_the_dev_personas_hold() -> None:
-    policy = tomllib.loads(DEV_POLICY_TOML)
-    assert policy["auth"]["roles_claim"] == "roles"
-    held = {role for roles in DEV_PERSONAS.values() for role in roles}
-    assert held == set(policy["roles"])
-    assert policy["roles"]["app-reader"] == {"read": ["app/**"]}
-
-
 def test_container_backend_skips_cleanly_without_a_docker_engine() -> None:
     # A child pytest, so the opt-in is exercised through the real fixtures without touching
     # this process's environment; DOCKER_HOST points at nothing, whatever this machine has.
@@ -299,19 +267,3 @@ def test_container_backend_skips_cleanly_without_a_docker_engine() -> None:
     assert "2 skipped" in run.stdout, run.stdout
     for image in ("openbao/openbao", "nats:latest"):
         assert f"no Docker engine answered to run {image}" in run.stdout, run.stdout
-
-
-def test_a_missing_server_is_a_skip_for_pytest_and_a_failure_for_make_test(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("SECRETS_TEST_REQUIRE_SERVERS", raising=False)
-    # Skipped and Failed are both BaseExceptions: catch either, then say which it was, so a
-    # skip where a failure is due is a failure of this test (not a skip of it).
-    with pytest.raises(BaseException) as skipped:
-        skip_unless_required("nats-server is not available")
-    assert skipped.type is pytest.skip.Exception
-    monkeypatch.setenv("SECRETS_TEST_REQUIRE_SERVERS", "1")
-    with pytest.raises(BaseException) as failed:
-        skip_unless_required("nats-server is not available")
-    assert failed.type is pytest.fail.Exception
-    assert "make test needs it" in str(failed.value)

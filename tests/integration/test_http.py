@@ -6,7 +6,6 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -490,7 +489,3 @@ async def test_canary_value_appears_in_no_log_error_body_or_repr(stack: Stack) -
 async def test_not_found_from_vault_maps_to_the_service_error(stack: Stack) -> None:
     with pytest.raises(NotFound):
         await stack.spy.inner.read(fresh())
-
-
-def test_policy_file_fixture_is_the_dev_policy(tmp_path: Path) -> None:
-    assert "[roles.app-reader]" in write_policy(tmp_path).read_text()

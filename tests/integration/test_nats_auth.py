@@ -362,16 +362,6 @@ async def test_the_service_logs_in_with_a_credentials_file_and_a_listener_with_i
         assert "Violation" not in server_log(server)
 
 
-def test_a_file_that_is_not_a_credentials_file_is_a_config_error_naming_the_setting(
-    tmp_path: Path,
-) -> None:
-    bogus = tmp_path / "bogus.creds"
-    bogus.write_text("not a credentials file")
-    with pytest.raises(ConfigError) as info:
-        EventBus(["nats://127.0.0.1:4222"], PREFIX, instance_id="x", credentials=str(bogus))
-    assert info.value.setting == "SECRETS_NATS_CREDS"
-
-
 # -- mutual TLS ------------------------------------------------------------------------------------
 
 
@@ -482,25 +472,6 @@ async def test_a_client_without_a_certificate_of_the_ca_is_refused(
     await bus.aclose()
     assert info.value.setting == "SECRETS_NATS_URL"
     assert SERVICE_PASSWORD not in str(info.value)
-
-
-def test_a_tls_file_that_does_not_load_is_a_config_error_naming_its_setting(
-    tmp_path: Path,
-) -> None:
-    junk = tmp_path / "junk.pem"
-    junk.write_text("not PEM")
-    with pytest.raises(ConfigError) as ca:
-        EventBus(["nats://127.0.0.1:4222"], PREFIX, instance_id="x", tls_ca=str(junk))
-    assert ca.value.setting == "SECRETS_NATS_TLS_CA"
-    with pytest.raises(ConfigError) as cert:
-        EventBus(
-            ["nats://127.0.0.1:4222"],
-            PREFIX,
-            instance_id="x",
-            tls_cert=str(junk),
-            tls_key=str(junk),
-        )
-    assert cert.value.setting == "SECRETS_NATS_TLS_CERT"
 
 
 async def test_after_a_reconnect_the_service_replays_what_it_missed_with_its_grants_alone(

@@ -9,7 +9,6 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +105,6 @@ def fresh() -> str:
 
 
 # -- the command itself --------------------------------------------------------------------------
-
-
-def test_secretsctl_is_an_installed_console_script() -> None:
-    [script] = entry_points(group="console_scripts", name="secretsctl")
-    assert script.value == "secrets_client.secretsctl:main"
 
 
 async def test_help_documents_every_exit_code_and_the_environment(ctl: Ctl) -> None:

@@ -45,3 +45,20 @@ def test_goals_and_markdown_from_the_committed_results() -> None:
     table = bench.markdown(result)
     assert "| cached read throughput / OpenBao's | >= 6 |" in table
     assert "Req/s per round" in table and "bare_stock_uvicorn" in table
+
+
+def test_the_readme_quotes_the_committed_bench_results_verbatim() -> None:
+    # The docs quote results; they never retype them (bench/run.py writes the block).
+    readme = (ROOT / "README.md").read_text()
+    begin = readme.index(bench.README_BEGIN) + len(bench.README_BEGIN)
+    quoted = readme[begin : readme.index(bench.README_END, begin)]
+    assert quoted.strip() == (ROOT / "bench" / "results" / "latest.md").read_text().strip()
+
+
+def test_quote_in_readme_replaces_only_the_block_between_its_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_BEGIN}\nold table\n\n{bench.README_END}after\n")
+    bench.quote_in_readme("| new | table |\n", readme)
+    assert readme.read_text() == (
+        f"before\n{bench.README_BEGIN}\n| new | table |\n\n{bench.README_END}after\n"
+    )

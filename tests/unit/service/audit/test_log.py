@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +14,7 @@ from typing import Any, BinaryIO, cast
 import pytest
 
 from schemas.audit import AuditRecord, audit_decoder
-from schemas.errors import AuditUnavailable, ConfigError
+from schemas.errors import AuditUnavailable
 from service.audit import AuditLog, LineSink
 from tests.fakes import FakePublisher, eventually
 
@@ -282,39 +281,6 @@ async def test_without_any_sink_nothing_is_confirmed_or_refused(make: MakeLog) -
     assert await audit.confirm(record(audit, "write"))
     audit.submit(record(audit))
     audit.check("write")
-
-
-# -- the line sink ----------------------------------------------------------------------------
-
-
-def test_the_file_sink_appends_to_a_file_only_its_owner_can_read(tmp_path: Path) -> None:
-    target = tmp_path / "audit.log"
-    target.write_bytes(b"earlier\n")
-    os.chmod(target, 0o600)
-    sink = LineSink.open(f"file:{target}")
-    assert sink is not None and sink.name == "file"
-    sink.write(b"later\n")
-    sink.close()
-    assert target.read_bytes() == b"earlier\nlater\n"
-    fresh = tmp_path / "new.log"
-    new_sink = LineSink.open(f"file:{fresh}")
-    assert new_sink is not None
-    new_sink.close()
-    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
-
-
-def test_stdout_and_none_sinks(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
-    assert LineSink.open("none") is None
-    sink = LineSink.open("stdout")
-    assert sink is not None and sink.name == "stdout"
-    sink.write(b'{"a":1}\n')
-    assert capsysbinary.readouterr().out == b'{"a":1}\n'
-
-
-def test_an_unwritable_audit_file_is_a_config_error_naming_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as error:
-        LineSink.open(f"file:{tmp_path / 'missing-dir' / 'audit.log'}")
-    assert error.value.setting == "SECRETS_AUDIT_SINK"
 
 
 # -- where a confirmed record is written from ---------------------------------------------

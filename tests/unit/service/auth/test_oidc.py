@@ -1,4 +1,4 @@
-"""service.auth.oidc: bearer parsing, JWT verification, JWKS refetch and the verified-token cache.
+"""service.auth.oidc: JWT verification, JWKS refetch and the verified-token cache.
 
 The issuer is a fake served through httpx.MockTransport; tokens are signed by hand where a test
 needs a header or an algorithm a real library would refuse to produce (both in tests/tokens.py).
@@ -19,7 +19,7 @@ from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 from schemas.errors import ConfigError, Unauthenticated
 from service.auth.algorithms import DEFAULT_ALGORITHMS
 from service.auth.oidc import OIDCVerifier
-from service.auth.principal import MAX_TOKEN_LENGTH, Principal, bearer_token
+from service.auth.principal import MAX_TOKEN_LENGTH, Principal
 from tests import tokens
 from tests.tokens import (
     ALGS,
@@ -84,39 +84,6 @@ async def verifier(http: httpx.AsyncClient, clock: Clock) -> AsyncIterator[OIDCV
     await verifier.start()
     yield verifier
     await verifier.aclose()
-
-
-# --- bearer_token ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "header", ["Bearer abc.def.ghi", "bearer abc.def.ghi", "BEARER   abc.def.ghi  "]
-)
-def test_bearer_token_takes_the_token_whatever_the_scheme_case(header: str) -> None:
-    assert bearer_token(header) == "abc.def.ghi"
-
-
-@pytest.mark.parametrize("header", [None, "", "   ", "Basic dXNlcjpwYXNz", "Token abc"])
-def test_bearer_token_without_a_bearer_credential_is_missing_token(header: str | None) -> None:
-    with pytest.raises(Unauthenticated) as info:
-        bearer_token(header)
-    assert info.value.reason == "missing_token"
-    assert info.value.www_authenticate == 'Bearer realm="secrets"'
-
-
-@pytest.mark.parametrize(
-    "header", ["Bearer", "Bearer    ", "Bearer a b", "Bearer " + "a" * (MAX_TOKEN_LENGTH + 1)]
-)
-def test_bearer_token_that_is_empty_split_or_oversized_is_malformed(header: str) -> None:
-    with pytest.raises(Unauthenticated) as info:
-        bearer_token(header)
-    assert info.value.reason == "malformed"
-    assert info.value.www_authenticate.startswith("Bearer")
-
-
-def test_a_token_of_exactly_the_maximum_length_is_accepted_by_the_parser() -> None:
-    token = "a" * MAX_TOKEN_LENGTH
-    assert bearer_token(f"Bearer {token}") == token
 
 
 # --- configuration and discovery ------------------------------------------------------------------

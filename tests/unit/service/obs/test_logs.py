@@ -1,19 +1,24 @@
-"""JsonFormatter: one JSON object per line, the request's context, and what it refuses to print."""
+"""JsonFormatter: one JSON object per line, the request's context, and what it refuses to print;
+the request log line (`log_request`) and its batching handler."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
+import time
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from schemas.secret import Secret, SecretData, redact_url
 from service.http.trace import RequestTrace
-from service.obs.logs import JsonFormatter, log_context
+from service.obs.logs import BatchingStreamHandler, JsonFormatter, log_context, log_request
 
 CANARY = "canary-41aa-log-never-shows"
+PATH = "app/db"
 
 
 def formatted(msg: str = "hello", *args: Any, exc: bool = False, **extra: Any) -> dict[str, Any]:
@@ -96,3 +101,150 @@ def test_an_exception_is_shown_by_its_type_never_its_message() -> None:
 )
 def test_credentials_in_a_url_are_never_shown(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+# -- the request log line --------------------------------------------------------------------------
+
+
+def capture() -> tuple[logging.Logger, io.StringIO, logging.Handler]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("secrets.test.hot")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream, handler
+
+
+def test_log_request_writes_the_line_logger_info_with_the_context_would() -> None:
+    logger, stream, _ = capture()
+    trace = RequestTrace(request_id="r-1", actor="alice", path=PATH, op="read", version=2)
+    ctx = trace.log_fields()
+    answer = {"method": "GET", "status": 200, "outcome": "ok", "duration_ms": 0.05}
+    token = log_context.set(trace)
+    try:
+        logger.info("request", extra=answer)
+    finally:
+        log_context.reset(token)
+    log_request(logger, {**ctx, **answer, "password": CANARY, "items": [CANARY]})
+    classic, fast = (json.loads(line) for line in stream.getvalue().splitlines())
+    for line in (classic, fast):
+        del line["time"]
+    assert fast.pop("items") == "<list>"  # containers by type, named fields dropped, as always
+    assert fast == classic
+    assert CANARY not in stream.getvalue()
+
+
+def test_log_request_below_the_level_makes_no_record() -> None:
+    logger, stream, _ = capture()
+    logger.setLevel(logging.WARNING)
+    log_request(logger, {"request_id": "r-2"})
+    assert stream.getvalue() == ""
+
+
+def batching(name: str) -> tuple[logging.Logger, io.StringIO, BatchingStreamHandler]:
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=60)  # written on close only
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream, handler
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},  # every field shown as it is: encoded whole
+        {"password": CANARY, "items": [CANARY], "data": CANARY, "_private": CANARY},
+    ],
+)
+def test_log_request_to_batching_handlers_skips_the_record_but_writes_the_same_line(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, object]
+) -> None:
+    formatted: list[logging.LogRecord] = []
+    format_record = JsonFormatter.format
+
+    def noting(self: JsonFormatter, record: logging.LogRecord) -> str:
+        formatted.append(record)
+        return format_record(self, record)
+
+    monkeypatch.setattr(JsonFormatter, "format", noting)
+    logger, stream, handler = batching("secrets.test.hot.batching")
+    fields = {
+        "request_id": "r-1", "actor": "al\"ice\n", "client_id": None, "path": PATH,
+        "op": "read", "version": 2, **extra, "method": "GET", "status": 200, "outcome": "ok",
+        "duration_ms": 0.051,
+    }  # fmt: skip
+    try:
+        handler.addFilter(lambda record: True)  # a filter: the record path, as before
+        log_request(logger, dict(fields))
+        assert len(formatted) == 1
+        handler.filters.clear()
+        log_request(logger, dict(fields))
+        assert len(formatted) == 1  # no record made, nor formatted
+    finally:
+        handler.close()
+    classic, fast = stream.getvalue().splitlines()
+    assert fast[:9] == classic[:9] == '{"time":"'
+    assert fast[38:] == classic[38:]  # all but the time, byte for byte
+    assert datetime.fromisoformat(json.loads(fast)["time"]).tzinfo is not None
+    assert CANARY not in stream.getvalue()
+    assert list(json.loads(fast))[:4] == ["time", "level", "logger", "message"]
+
+
+def test_log_request_honours_a_batching_handler_s_level_and_filters() -> None:
+    logger, stream, handler = batching("secrets.test.hot.filtered")
+    try:
+        handler.addFilter(lambda record: False)
+        log_request(logger, {"request_id": "r-1"})
+        handler.filters.clear()
+        handler.setLevel(logging.WARNING)
+        log_request(logger, {"request_id": "r-2"})
+        handler.setLevel(logging.NOTSET)
+        log_request(logger, {"request_id": "r-3"})
+    finally:
+        handler.close()
+    assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["r-3"]
+
+
+def test_the_batching_handler_keeps_order_writes_warnings_at_once_and_the_rest_on_close() -> None:
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=60)  # the writer thread will not fire
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("secrets.test.batching")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("first")
+        log_request(logger, {"request_id": "r-3", "status": 200})
+        assert stream.getvalue() == ""  # queued
+        logger.warning("third")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["message"] for line in lines] == ["first", "request", "third"]
+        assert lines[1]["request_id"] == "r-3" and lines[1]["status"] == 200
+        logger.info("fourth")
+    finally:
+        handler.close()
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "fourth"
+
+
+def test_the_batching_handler_writes_a_quiet_period_s_lines_within_its_interval() -> None:
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=0.01)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("secrets.test.batching.quiet")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("alone")
+        deadline = time.monotonic() + 5
+        while "alone" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert json.loads(stream.getvalue())["message"] == "alone"
+    finally:
+        handler.close()

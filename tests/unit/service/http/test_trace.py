@@ -102,7 +102,7 @@ def test_an_audit_record_of_a_401_takes_its_op_from_the_verb_and_leaves_the_rest
     trace = RequestTrace(request_id="r-1", client_request_id="c-1")
     trace.unauthenticated("missing_token")
     scope = {"method": "GET", "path": "/secrets/app/db:versions", "client": ("10.0.0.1", 5)}
-    record = Recorder.audit_record(audit, trace, scope, 401)
+    record = Recorder.audit_record(audit, trace, scope, 401, "unauthenticated")
     assert (record.op, record.allowed, record.outcome, record.reason) == (
         "versions", False, "unauthenticated", "missing_token",
     )  # fmt: skip
