@@ -46,7 +46,7 @@ from devstack import (  # noqa: E402
     OpenBaoServer,
     configure_oidc,
 )
-from service.http.app import create_app  # noqa: E402
+from service import create_app  # noqa: E402
 from service.obs.logs import configure_logging  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--label", default="current tree")
     parser.add_argument("--audit-sink", default=None, help="SECRETS_AUDIT_SINK (default: a file)")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--uncached", action="store_true", help="SECRETS_CACHE_TTL=0: every read asks Vault"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="request-bench-"))
     policy = workdir / "policy.toml"
@@ -175,6 +178,7 @@ def main() -> None:
             "SECRETS_POLICY_FILE": str(policy),
             "SECRETS_AUDIT_SINK": args.audit_sink or f"file:{workdir / 'audit.log'}",
             "SECRETS_VAULT_POLL_INTERVAL": "0",
+            "SECRETS_CACHE_TTL": "0" if args.uncached else "300",
             "BENCH_TOKEN": oidc.mint("reader"),
         }
         with open(os.devnull, "w") as devnull:
@@ -191,6 +195,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "audit_sink": environ["SECRETS_AUDIT_SINK"].replace(str(workdir), "<tmp>"),
         "audit_lines": audit_lines,
+        "uncached": args.uncached,
         **result,
     }
     print(json.dumps(out, indent=2))
