@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,6 @@ __all__ = [
     "RecordingHandler",
     "RecordingSink",
     "SpyBackend",
-    "eventually",
     "forged",
 ]
 
@@ -330,17 +328,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-async def eventually(
-    condition: Callable[[], bool], timeout: float = 2.0, interval: float = 0.005
-) -> None:
-    """Poll `condition` until it holds; fail the test if it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition still false after {timeout}s")
-        await asyncio.sleep(interval)
 
 
 def forged(kind: type[Any] = SecretUpdated, **fields: Any) -> bytes:

@@ -284,8 +284,13 @@ def skip_unless_required(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01
+) -> None:
+    """Poll `condition` (sync or async) until it holds; AssertionError after `timeout` seconds.
+
+    The one polling helper of the tests: they wait for a state with a deadline, never sleep a
+    guessed time. A test stating a bound passes it as `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -294,8 +299,8 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s")
-        await asyncio.sleep(0.02)
+            raise AssertionError(f"condition still false after {timeout} s")
+        await asyncio.sleep(interval)
 
 
 # --- shared by unit and integration tests: import a fixture, then bind it in the module ----------

@@ -28,8 +28,8 @@ from schemas.secret import Secret, SecretData
 from service.core.manager import SecretsManager
 from service.obs.metrics import Metrics
 from service.vault.backend import HvacBackend
-from tests.fakes import eventually, forged
-from tests.support import metric_value, record_figures
+from tests.fakes import forged
+from tests.support import eventually, metric_value, record_figures
 
 PREFIX = "secrets"
 SETTLE = 10.0  # seconds allowed for events and checks to land on this noisy machine

@@ -20,8 +20,14 @@ import nats as nats_py
 from nats.aio.msg import Msg
 
 from devstack import DEV_POLICY_TOML, NatsEndpoint, OidcIssuer, OpenBaoEndpoint
-from tests.fakes import eventually
-from tests.support import LogCapture, bearer, running_service, service_settings, write_policy
+from tests.support import (
+    LogCapture,
+    bearer,
+    eventually,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 CANARY = "canary-Qx7Zp2Lw9Vt4-MUST-NOT-LEAK"
 

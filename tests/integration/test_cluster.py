@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from devstack import NatsServer
 from schemas.events import ChangeEvent
 from schemas.secret import SecretData
 from service.core.manager import SecretsManager
-from tests.support import cluster_services, write_policy
+from tests.support import cluster_services, eventually, write_policy
 
 FALLBACK_TTL = 1.0
 POLL_INTERVAL = 0.5
@@ -74,16 +74,6 @@ async def instances(
         ]
 
 
-async def eventually(
-    cond: Callable[[], bool], timeout: float = EVENT_DEADLINE, interval: float = 0.005
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
-
-
 def fresh() -> str:
     return f"app/c-{uuid.uuid4().hex[:10]}/db"
 
@@ -99,7 +89,9 @@ async def test_a_write_through_a_reaches_b_and_c_as_an_event_and_their_reads_see
     assert (await c.manager.get(path)).version == 1
     await a.manager.set(path, {"password": "v2"}, 1)
     # `processed` counts events off the bus only, never the version check.
-    await eventually(lambda: b.processed[path] >= 2 and c.processed[path] >= 2)
+    await eventually(
+        lambda: b.processed[path] >= 2 and c.processed[path] >= 2, timeout=EVENT_DEADLINE
+    )
     assert (await b.manager.get(path)).data == {"password": "v2"}
     assert (await c.manager.get(path)).version == 2
 
@@ -128,7 +120,9 @@ async def test_http_reads_on_other_instances_see_the_new_version(
             headers={"Authorization": f"Bearer {writer}"},
         )
         assert r.status_code == 200
-        await eventually(lambda: a.processed[path] >= 2 and c.processed[path] >= 2)
+        await eventually(
+            lambda: a.processed[path] >= 2 and c.processed[path] >= 2, timeout=EVENT_DEADLINE
+        )
         for inst in (a, c):
             got = await client.get(
                 f"{inst.svc.url}/secrets/{path}", headers={"Authorization": f"Bearer {reader}"}
@@ -155,7 +149,9 @@ async def test_a_listener_on_c_hears_each_version_at_most_once_in_order_ending_w
         for i in range(10):
             writer = (a, b)[i % 2]
             version = (await writer.manager.set(path, {"n": str(i)}, version)).version
-        await eventually(lambda: bool(calls) and calls[-1] == (path, {"n": "9"}))
+        await eventually(
+            lambda: bool(calls) and calls[-1] == (path, {"n": "9"}), timeout=EVENT_DEADLINE
+        )
         await asyncio.sleep(0.3)  # any duplicate or late older value would arrive by now
         heard = [int(value["n"]) for _, value in calls if value is not None]
         assert len(heard) == len(calls)  # never told "deleted"
@@ -198,7 +194,7 @@ async def test_a_write_made_straight_to_openbao_is_found_by_every_instance_s_ver
             await asyncio.sleep(0.02)
         for inst in instances:
             assert (await inst.manager.get(path)).data == {"v": "direct"}
-        await eventually(lambda: len(heard) >= 1)
+        await eventually(lambda: len(heard) >= 1, timeout=EVENT_DEADLINE)
     finally:
         instances[2].manager.remove_listener("direct")
 
@@ -214,7 +210,7 @@ async def test_stopping_the_nats_node_of_b_never_serves_a_version_older_than_the
     # Off the loop, which the three instances share; the store dir stays: it restarts below.
     await asyncio.to_thread(b.node._stop_process)
     try:
-        await eventually(lambda: b.bus.disconnects > disconnects)
+        await eventually(lambda: b.bus.disconnects > disconnects, timeout=EVENT_DEADLINE)
         await a.manager.set(path, {"v": "2"}, 1)
         acked = time.monotonic()
         # Keep reading on B: no read started once the bound has passed may return version 1.
@@ -234,7 +230,7 @@ async def test_stopping_the_nats_node_of_b_never_serves_a_version_older_than_the
     await eventually(lambda: b.bus.connected and b.manager.bus_connected, timeout=10)
     # After the node is back, changes flow to B again.
     await a.manager.set(path, {"v": "3"}, 2)
-    await eventually(lambda: b.processed[path] >= 3)
+    await eventually(lambda: b.processed[path] >= 3, timeout=EVENT_DEADLINE)
     assert (await b.manager.get(path)).version == 3
 
 

@@ -15,10 +15,10 @@ import pytest
 import service.http.fast_path
 from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from schemas.audit import AuditRecord, audit_decoder
-from tests.fakes import eventually
 from tests.support import (
     LogCapture,
     bearer,
+    eventually,
     metric_value,
     running_service,
     service_settings,

@@ -20,7 +20,7 @@ from joserfc.jwk import ECKey, Key, RSAKey
 
 from devstack import NatsEndpoint, OpenBaoEndpoint
 from tests import tokens
-from tests.support import bearer, running_service, service_settings, until, write_policy
+from tests.support import bearer, eventually, running_service, service_settings, write_policy
 from tests.tokens import AUDIENCE, token
 
 # Fixtures of tests/tokens.py, shared with the unit tests.
@@ -119,7 +119,7 @@ async def test_a_key_the_issuer_withdraws_stops_working_over_http_cached_reads_i
     async def refused() -> bool:
         return (await client.get(path, headers=bearer(forged_admin))).status_code == 401
 
-    await until(refused, timeout=10)
+    await eventually(refused, timeout=10)
     assert refusal(await client.get(path, headers=bearer(forged_admin))) == "unknown_key"
     fresh = live_token(issuer, k1, sub="fresh")
     assert refusal(await client.get(path, headers=bearer(fresh))) == "unknown_key"

@@ -4,9 +4,8 @@ on any instance serves one once its event is processed; an undelete is seen ever
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ from devstack import NatsServer
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
 from schemas.secret import SecretData
 from service.core.manager import SecretsManager
-from tests.support import bearer, cluster_services, write_policy
+from tests.support import bearer, cluster_services, eventually, write_policy
 
 POLICY = """\
 [roles.app-reader]
@@ -75,14 +74,6 @@ def tokens(oidc: Any) -> dict[str, str]:
 EVENT_DEADLINE = 5.0
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = EVENT_DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-
-
 def fresh() -> str:
     return f"app/lc-{uuid.uuid4().hex[:10]}/db"
 
@@ -115,7 +106,10 @@ async def test_a_version_deleted_through_a_is_served_by_no_cache_on_b_or_c(
             headers=bearer(tokens["writer"]),
         )
         assert deleted.json()["versions"] == [1, 2]
-        await eventually(lambda: b.handled(SecretDeleted, path) and c.handled(SecretDeleted, path))
+        await eventually(
+            lambda: b.handled(SecretDeleted, path) and c.handled(SecretDeleted, path),
+            timeout=EVENT_DEADLINE,
+        )
         for inst in (b, c):
             assert await status(client, inst, path, reader) == 404
             assert await status(client, inst, path, reader, params={"version": "1"}) == 404
@@ -127,7 +121,8 @@ async def test_a_version_deleted_through_a_is_served_by_no_cache_on_b_or_c(
         )
         assert restored.status_code == 200
         await eventually(
-            lambda: a.handled(SecretUndeleted, path) and b.handled(SecretUndeleted, path)
+            lambda: a.handled(SecretUndeleted, path) and b.handled(SecretUndeleted, path),
+            timeout=EVENT_DEADLINE,
         )
         for inst in instances:
             got = await client.get(f"{inst.url}/secrets/{path}", headers=bearer(reader))
@@ -153,7 +148,8 @@ async def test_a_destroyed_version_is_dropped_from_every_cache(
         )
         assert response.status_code == 200
         await eventually(
-            lambda: a.handled(SecretDestroyed, path) and c.handled(SecretDestroyed, path)
+            lambda: a.handled(SecretDestroyed, path) and c.handled(SecretDestroyed, path),
+            timeout=EVENT_DEADLINE,
         )
         for inst in instances:
             assert await status(client, inst, path, tokens["reader"]) == 404
@@ -168,7 +164,9 @@ async def test_listeners_on_other_instances_hear_a_delete_as_none_and_an_undelet
     a, b, c = instances
     path = fresh()
     await a.manager.set(path, {"v": "1"}, 0)
-    await eventually(lambda: any(e.path == path for e in c.events))  # the creation is old news
+    await eventually(
+        lambda: any(e.path == path for e in c.events), timeout=EVENT_DEADLINE
+    )  # the creation is old news
     heard: list[dict[str, Any] | None] = []
 
     def listener(p: str, value: SecretData | None) -> None:
@@ -178,9 +176,9 @@ async def test_listeners_on_other_instances_hear_a_delete_as_none_and_an_undelet
     c.manager.add_listener("lifecycle", listener)
     try:
         await b.manager.delete(path, actor="test")
-        await eventually(lambda: heard == [None])
+        await eventually(lambda: heard == [None], timeout=EVENT_DEADLINE)
         await b.manager.undelete(path, [1], actor="test")
-        await eventually(lambda: heard == [None, {"v": "1"}])
+        await eventually(lambda: heard == [None, {"v": "1"}], timeout=EVENT_DEADLINE)
         await asyncio.sleep(0.2)
         assert heard == [None, {"v": "1"}]  # each change heard once
     finally:

@@ -8,7 +8,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,14 @@ import pytest
 from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
 from devstack.stack import least_privilege_token
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
-from tests.support import RunningService, bearer, running_service, service_settings, write_policy
+from tests.support import (
+    RunningService,
+    bearer,
+    eventually,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 POLL_INTERVAL = 0.3
 POLICY = """\
@@ -109,13 +116,6 @@ def subject(stack: Stack, who: str) -> str:
 
 def fresh(prefix: str = "app") -> str:
     return f"{prefix}/l-{uuid.uuid4().hex[:10]}/db"
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition still false"
-        await asyncio.sleep(0.01)
 
 
 # -- versions ----------------------------------------------------------------------------------

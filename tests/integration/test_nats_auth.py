@@ -38,8 +38,14 @@ from schemas.errors import ConfigError
 from schemas.events import SecretUpdated, event_encoder
 from service.core.manager import SecretsManager
 from service.vault.backend import HvacBackend
-from tests.fakes import eventually
-from tests.support import LogCapture, bearer, running_service, service_settings, write_policy
+from tests.support import (
+    LogCapture,
+    bearer,
+    eventually,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "compose" / "nats" / "auth.conf"

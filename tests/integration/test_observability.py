@@ -25,10 +25,11 @@ from service.audit.log import DROP_REASONS
 from service.auth.principal import REASONS
 from service.core.validation import RULES
 from service.obs.metrics import VAULT_ERRORS, VAULT_OPS
-from tests.fakes import FakeVault, eventually
+from tests.fakes import FakeVault
 from tests.support import (
     LogCapture,
     bearer,
+    eventually,
     metric_value,
     running_service,
     service_settings,

@@ -16,7 +16,8 @@ import pytest
 from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import AuditUnavailable
 from service.audit import AuditLog, LineSink
-from tests.fakes import FakePublisher, eventually
+from tests.fakes import FakePublisher
+from tests.support import eventually
 
 
 class FlakyStream:

@@ -18,7 +18,7 @@ from joserfc.jwk import ECKey, RSAKey
 from schemas.errors import ConfigError
 from service.auth.oidc import OIDCVerifier
 from tests import tokens
-from tests.support import until
+from tests.support import eventually
 from tests.tokens import (
     AUDIENCE,
     ISSUER,
@@ -67,7 +67,7 @@ async def test_a_withdrawn_key_is_refused_after_the_refresh_interval_cached_toke
     await verifier.verify(other)
 
     issuer.keys = [k2]  # the issuer withdraws the leaked key; nothing asks for an unknown kid
-    await until(lambda: verifier.cached(forged_admin) is None)
+    await eventually(lambda: verifier.cached(forged_admin) is None)
 
     assert await rejection(verifier, forged_admin) == "unknown_key"
     assert await rejection(verifier, token(k1, sub="fresh")) == "unknown_key"
@@ -196,7 +196,7 @@ async def test_a_failed_scheduled_refetch_keeps_the_keys_and_is_retried_with_bac
     issuer.down = True
     started, before = time.monotonic(), issuer.jwks_fetches()
     with caplog.at_level(logging.WARNING, logger="secrets.auth"):
-        await until(lambda: issuer.jwks_fetches() >= before + 3)
+        await eventually(lambda: issuer.jwks_fetches() >= before + 3)
     elapsed = time.monotonic() - started
     attempts = issuer.jwks_fetches() - before
     # Retried, but never in a tight loop: no retry comes sooner than half the interval.
@@ -209,7 +209,7 @@ async def test_a_failed_scheduled_refetch_keeps_the_keys_and_is_retried_with_bac
 
     issuer.keys = [k2]
     issuer.down = False
-    await until(lambda: verifier.cached(cached) is None)
+    await eventually(lambda: verifier.cached(cached) is None)
     assert await rejection(verifier, cached) == "unknown_key"
 
 
@@ -229,7 +229,7 @@ async def test_aclose_stops_the_scheduled_refresh(
     make_verifier: MakeVerifier, issuer: FakeIssuer
 ) -> None:
     verifier = await make_verifier(jwks_refresh=0.2)
-    await until(lambda: issuer.jwks_fetches() >= 2)
+    await eventually(lambda: issuer.jwks_fetches() >= 2)
     await verifier.aclose()
     after = issuer.jwks_fetches()
     await asyncio.sleep(0.6)

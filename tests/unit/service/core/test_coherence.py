@@ -13,7 +13,8 @@ import pytest
 from schemas.errors import VaultUnavailable
 from schemas.events import SecretDestroyed
 from service.core.manager import SecretsManager
-from tests.fakes import FakeVault, eventually
+from tests.fakes import FakeVault
+from tests.support import eventually
 
 PATH = "app/db"
 

@@ -27,7 +27,8 @@ from schemas.events import SecretCreated, SecretUpdated, event_encoder
 from schemas.secret import Secret, SecretData
 from service.core.manager import SecretsManager
 from service.settings import Settings
-from tests.fakes import FakeClock, FakeVault, RecordingSink, eventually
+from tests.fakes import FakeClock, FakeVault, RecordingSink
+from tests.support import eventually
 
 PATH = "app/db"
 ONE = {"password": "one"}

@@ -29,7 +29,8 @@ from service.auth.principal import Principal
 from service.core.cache import SecretCache
 from service.core.manager import SecretsManager
 from service.http.listing import visible_keys
-from tests.fakes import FakeVault, RecordingHandler, RecordingSink, eventually
+from tests.fakes import FakeVault, RecordingHandler, RecordingSink
+from tests.support import eventually
 
 PATH = "app/db"
 V1, V2, V3 = {"password": "one"}, {"password": "two"}, {"password": "three"}

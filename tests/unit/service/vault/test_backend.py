@@ -28,7 +28,7 @@ from schemas.errors import (
 from schemas.secret import SecretData
 from service.vault.backend import HvacBackend
 from tests import support
-from tests.support import backend_for
+from tests.support import backend_for, eventually
 
 CREATED = "2026-11-28T00:00:00Z"
 
@@ -209,17 +209,10 @@ async def test_interim_answers_before_each_real_one_never_hand_a_path_another_pa
             def answered(n: int = n) -> bool:
                 return server.handled >= n
 
-            await until(answered)  # each real answer is out before the next read starts
+            await eventually(answered)  # each real answer is out before the next read starts
     # The old client took the interim answer for the whole response (a KeyError, a 500) and
     # pooled the connection with alice's real answer unread: bob's read returned alice's secret.
     assert seen == [(path, OWNERS[path]) for path in ["alice/db", "bob/db"] * 2]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never met"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_second_unasked_for_answer_is_never_taken_for_the_next_reads(
