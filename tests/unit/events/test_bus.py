@@ -17,7 +17,13 @@ from prometheus_client import generate_latest
 from devstack import free_port
 from events.bus import EventBus, check_event
 from schemas.errors import ConfigError
-from schemas.events import SecretDestroyed, SecretUpdated, event_encoder
+from schemas.events import (
+    SecretCreated,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretUpdated,
+    event_encoder,
+)
 from service.core.manager import SecretsManager
 from service.obs.metrics import Metrics
 from tests.fakes import RecordingHandler, forged
@@ -315,3 +321,25 @@ def test_a_tls_file_that_does_not_load_is_a_config_error_naming_its_setting(
             tls_key=str(junk),
         )
     assert cert.value.setting == "SECRETS_NATS_TLS_CERT"
+
+
+def test_the_bus_hands_lifecycle_events_to_apply_lifecycle_and_writes_to_apply_change() -> None:
+    path = "app/db"
+    bus = EventBus(["nats://unused"], "secrets", instance_id="me")
+    handler = RecordingHandler()
+    bus._handler = handler
+    deleted = SecretDeleted(
+        event_id="ev-1",
+        path=path,
+        version=3,
+        versions=(3,),
+        actor="bob",
+        instance_id="elsewhere",
+        time="2026-11-28T00:00:00+00:00",
+    )
+    created = SecretCreated(
+        event_id="e2", path=path, version=1, actor="a", instance_id="other", time="t"
+    )
+    bus._handle(event_encoder.encode(deleted))
+    bus._handle(event_encoder.encode(created))
+    assert handler.calls == [("lifecycle", deleted), ("change", (path, 1))]

@@ -273,3 +273,14 @@ def test_clear_drops_everything_and_counts_the_evictions(cache: SecretCache) -> 
     assert cache.latest_paths() == []
     assert cache.get("app/b", 2, TTL) is None
     assert cache.evictions == before + 2
+
+
+def test_the_cache_drops_a_latest_entry_whatever_its_version_and_lists_what_it_holds() -> None:
+    cache = SecretCache()
+    for version, pinned in ((3, False), (1, True), (2, True)):
+        cache.put(Secret("app/db", version, SecretData({}), "t"), b"{}", pinned=pinned)
+    cache.put(Secret("app/other", 1, SecretData({}), "t"), b"{}")
+    assert cache.cached_versions() == {"app/db": {1, 2, 3}, "app/other": {1}}
+    assert cache.drop_latest("app/db") is True
+    assert cache.drop_latest("app/db") is False
+    assert cache.cached_versions() == {"app/db": {1, 2}, "app/other": {1}}

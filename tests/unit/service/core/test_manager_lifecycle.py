@@ -7,29 +7,18 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import msgspec
 import pytest
 
-from events.bus import EventBus
 from schemas.errors import InvalidPath, InvalidRequest, NotFound, VersionConflict
 from schemas.events import (
-    EVENT_TYPES,
-    SecretCreated,
     SecretDeleted,
     SecretDestroyed,
     SecretUndeleted,
     SecretUpdated,
-    event_decoder,
-    event_encoder,
 )
-from schemas.globs import PathGlob
-from schemas.secret import Secret, SecretData
-from service.auth.policy import READ, Policy
-from service.auth.principal import Principal
-from service.core.cache import SecretCache
+from schemas.secret import SecretData
 from service.core.manager import SecretsManager
-from service.http.listing import visible_keys
-from tests.fakes import FakeVault, RecordingHandler, RecordingSink
+from tests.fakes import FakeVault, RecordingSink
 from tests.support import eventually
 
 PATH = "app/db"
@@ -364,71 +353,3 @@ async def test_the_version_check_still_finds_newer_versions(
     vault.seed(PATH, V2)
     assert await manager.check_versions() == [(PATH, 2)]
     assert (await manager.get(PATH)).data == V2
-
-
-# -- events ------------------------------------------------------------------------------------
-
-
-def test_lifecycle_events_round_trip_and_old_payloads_decode_with_no_versions() -> None:
-    assert EVENT_TYPES[-3:] == ("secret.deleted", "secret.undeleted", "secret.destroyed")
-    for kind in (SecretDeleted, SecretUndeleted, SecretDestroyed):
-        event = remote(kind, 1, 2)
-        assert event_decoder.decode(event_encoder.encode(event)) == event
-    bare = (
-        b'{"type": "secret.deleted", "event_id": "e", "path": "app/db", "version": 3,'
-        b' "actor": "a", "instance_id": "i", "time": "t"}'
-    )
-    decoded = event_decoder.decode(bare)
-    assert isinstance(decoded, SecretDeleted) and decoded.versions == ()
-    with pytest.raises(msgspec.ValidationError):
-        event_decoder.decode(bare.replace(b'"version": 3', b'"version": 3, "versions": [0]'))
-
-
-def test_the_bus_hands_lifecycle_events_to_apply_lifecycle_and_writes_to_apply_change() -> None:
-    bus = EventBus(["nats://unused"], "secrets", instance_id="me")
-    handler = RecordingHandler()
-    bus._handler = handler
-    deleted = remote(SecretDeleted, 3)
-    created = SecretCreated(
-        event_id="e2", path=PATH, version=1, actor="a", instance_id="other", time="t"
-    )
-    bus._handle(event_encoder.encode(deleted))
-    bus._handle(event_encoder.encode(created))
-    assert handler.calls == [("lifecycle", deleted), ("change", (PATH, 1))]
-
-
-# -- the cache and the listing filter ------------------------------------------------------------
-
-
-def test_the_cache_drops_a_latest_entry_whatever_its_version_and_lists_what_it_holds() -> None:
-    cache = SecretCache()
-    for version, pinned in ((3, False), (1, True), (2, True)):
-        cache.put(Secret(PATH, version, SecretData({}), "t"), b"{}", pinned=pinned)
-    cache.put(Secret("app/other", 1, SecretData({}), "t"), b"{}")
-    assert cache.cached_versions() == {PATH: {1, 2, 3}, "app/other": {1}}
-    assert cache.drop_latest(PATH) is True
-    assert cache.drop_latest(PATH) is False
-    assert cache.cached_versions() == {PATH: {1, 2}, "app/other": {1}}
-
-
-@pytest.mark.parametrize(
-    ("globs", "prefix", "keys", "shown"),
-    [
-        (["app/**"], "", ["app/", "ops/", "apple"], ["app/"]),
-        (["app/*/db"], "app", ["x/", "db", "y/"], ["x/", "y/"]),
-        (["app/*/db"], "app/x", ["db", "dbx", "z/"], ["db"]),
-        (["app/db-*"], "app", ["db-main", "db-main/", "cache"], ["db-main"]),
-        (["**/config"], "ops/a", ["config", "b/", "other"], ["config", "b/"]),
-        (["app/**"], "", ["bad key/", "app/"], ["app/"]),
-    ],
-)
-def test_a_listed_key_is_shown_only_if_a_readable_path_lies_at_or_below_it(
-    globs: list[str], prefix: str, keys: list[str], shown: list[str]
-) -> None:
-    policy = Policy(roles_claim="roles", grants={"r": {READ: [PathGlob(g) for g in globs]}})
-    principal = Principal(
-        subject="s", client_id=None, roles=frozenset({"r"}), scopes=None, expires_at=0.0
-    )
-    assert visible_keys(policy, principal, prefix, keys) == shown
-    narrowed = msgspec.structs.replace(principal, scopes=frozenset({"secrets:write"}))
-    assert visible_keys(policy, narrowed, prefix, keys) == []  # scopes narrow listings too
