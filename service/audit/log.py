@@ -15,6 +15,7 @@ from anyio import to_thread
 from schemas.audit import OPS, READ_OPS, AuditRecord, audit_encoder
 from schemas.errors import AuditUnavailable
 from service.audit.sinks import LineSink
+from service.tasks import BackgroundTasks
 from service.timestamps import utc_now
 
 __all__ = ["DROP_REASONS", "FAIL_CLOSED_MODES", "AuditLog", "AuditPublisher"]
@@ -119,7 +120,7 @@ class AuditLog:
         self._closing = False
         self._limiter = anyio.CapacityLimiter(1)  # one worker thread writes, in order
         self._writer: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[bool]] = set()
+        self._tasks = BackgroundTasks()  # confirmations' attempts still running
         self._line_ok = True
         self._nats_ok = True
         self._backlogged = False
@@ -236,19 +237,15 @@ class AuditLog:
                 if direct:
                     self._line_written(1, None)
                     for task in attempts:  # JetStream stores it too, in the background
-                        self._keep(task)
+                        self._tasks.keep(task)
                     return True
                 attempts.append(loop.create_task(self._write_line(payload + b"\n", 1)))
         for task in attempts:
-            self._keep(task)
+            self._tasks.keep(task)
         for next_done in asyncio.as_completed(attempts):
             if await next_done:
                 return True
         return False
-
-    def _keep(self, task: asyncio.Task[bool]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._run())
@@ -263,8 +260,7 @@ class AuditLog:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.timeout)
+        await self._tasks.aclose(self.timeout)
         if self.line is not None:
             self.line.close()
 

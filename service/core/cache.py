@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from schemas.secret import Secret
-from service.core.lru import LRU
+from service.lru import LRU
 
 __all__ = ["CacheEntry", "SecretCache"]
 

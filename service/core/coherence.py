@@ -28,9 +28,9 @@ from schemas.secret import Secret
 from service.core.cache import SecretCache
 from service.core.ledger import VersionLedger
 from service.core.listeners import Listeners
-from service.core.lru import LRU
 from service.core.reads import Reads
-from service.core.tasks import BackgroundTasks
+from service.lru import LRU
+from service.tasks import BackgroundTasks
 from service.vault.protocol import VaultBackend
 
 __all__ = ["VERIFY_CONCURRENCY", "VERIFY_QUEUE", "Coherence"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.core.lru import LRU
+from service.lru import LRU
 
 __all__ = ["KNOWN_MAX", "UNCONFIRMED_MAX", "VersionLedger"]
 

@@ -14,8 +14,8 @@ from anyio import to_thread
 from schemas.errors import NotFound, SecretsError
 from schemas.secret import Secret, SecretData
 from service.core.ledger import KNOWN_MAX
-from service.core.lru import LRU
-from service.core.tasks import BackgroundTasks
+from service.lru import LRU
+from service.tasks import BackgroundTasks
 
 __all__ = ["Listener", "Listeners"]
 

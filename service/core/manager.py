@@ -27,12 +27,12 @@ from service.core.cache import SecretCache
 from service.core.coherence import VERIFY_CONCURRENCY, VERIFY_QUEUE, Coherence
 from service.core.ledger import VersionLedger
 from service.core.listeners import Listener, Listeners
-from service.core.lru import LRU
 from service.core.reads import Reads
-from service.core.tasks import BackgroundTasks, SingleFlight
 from service.core.validation import Validator
 from service.core.watcher import VersionWatcher
 from service.core.writes import EventSink, Writes
+from service.lru import LRU
+from service.tasks import BackgroundTasks, SingleFlight
 from service.vault.protocol import VaultBackend
 
 __all__ = ["EventSink", "Listener", "SecretsManager"]

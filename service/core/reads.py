@@ -14,7 +14,7 @@ from schemas.paths import validate_path, validate_prefix
 from schemas.secret import Secret, SecretData
 from service.core.cache import SecretCache
 from service.core.ledger import VersionLedger
-from service.core.tasks import SingleFlight
+from service.tasks import SingleFlight
 from service.vault.protocol import VaultBackend
 
 __all__ = ["Reads", "compact", "encode_document"]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.core.tasks import BackgroundTasks, SingleFlight
+from service.tasks import BackgroundTasks, SingleFlight
 
 
 async def test_background_tasks_are_kept_while_running_and_let_go_once_done() -> None:

@@ -1,6 +1,6 @@
-"""`LRU`: the one bounded mapping of this package, an OrderedDict that keeps its newest keys.
+"""`LRU`: the one bounded mapping of the service, an OrderedDict that keeps its newest keys.
 
-The cache and the manager's bookkeeping (versions known, versions gone, ids seen) all use it.
+The cache and the manager's bookkeeping (versions known, versions gone, ids seen) use it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tasks the manager starts and does not await: `BackgroundTasks` (fire, keep, close) and
+"""Tasks started and not awaited, kept until done: `BackgroundTasks` (spawn or keep, close) and
 `SingleFlight` (one shared task per key, which callers join instead of starting another).
 """
 
@@ -31,7 +31,10 @@ class BackgroundTasks:
 
     def spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `coroutine` as a task on the running loop, kept until done."""
-        task = asyncio.get_running_loop().create_task(coroutine)
+        return self.keep(asyncio.get_running_loop().create_task(coroutine))
+
+    def keep(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """Keep a task started elsewhere until it is done (and `aclose` waits for it)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

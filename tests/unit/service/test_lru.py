@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.core.lru import LRU
+from service.lru import LRU
 
 
 def test_an_lru_beyond_its_bound_drops_its_oldest_keys_and_tells_on_evict() -> None:
