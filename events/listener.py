@@ -49,8 +49,8 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from events.bus import (
-    CHANGE_STREAM,
+from events.bus import CHANGE_STREAM
+from events.connection import (
     check_credentials,
     connect_options,
     describe_error,

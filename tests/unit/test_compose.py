@@ -18,7 +18,7 @@ import trustme
 import yaml
 
 from devstack import find_binary
-from events.bus import tls_context
+from events.connection import tls_context
 from service.auth.policy import Policy
 from service.settings import Settings
 from tests.support import skip_unless_required
