@@ -9,14 +9,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 
 from devstack.processes import (
     POLL_INTERVAL,
     DevStackError,
+    ManagedProcess,
     ProcessLog,
     check_port_free,
     end_process,
@@ -26,7 +25,7 @@ from devstack.processes import (
 )
 
 
-class NatsServer:
+class NatsServer(ManagedProcess):
     """`nats-server` with JetStream on loopback ports, optionally one node of a cluster.
 
     `config` is the text of a nats-server configuration file for what flags cannot say:
@@ -199,18 +198,6 @@ class NatsServer:
         """Stop and start again on the same ports with the same JetStream store."""
         self._stop_process()
         self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_nats_cluster(

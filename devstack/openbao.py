@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from devstack.processes import (
     DevStackError,
+    ManagedProcess,
     ProcessLog,
     check_port_free,
     child_env,
@@ -23,7 +22,7 @@ from devstack.processes import (
 )
 
 
-class OpenBaoServer:
+class OpenBaoServer(ManagedProcess):
     """`bao server -dev` (in memory, `secret/` is KV v2) on a loopback port."""
 
     def __init__(
@@ -103,15 +102,3 @@ class OpenBaoServer:
     def _signal(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
         if process.poll() is None:
             os.kill(process.pid, signum)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

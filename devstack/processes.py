@@ -14,7 +14,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Protocol
+from types import TracebackType
+from typing import IO, Protocol, Self
 
 import httpx
 
@@ -232,3 +233,26 @@ def child_env(drop_prefixes: tuple[str, ...]) -> dict[str, str]:
     # The caller's BAO_*/VAULT_* settings (an address, a token, a namespace) must not steer
     # the dev server; the parent's environment itself is left alone.
     return {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes)}
+
+
+class ManagedProcess:
+    """A server process as a context manager: `with X() as x:` starts it and stops it in any case.
+    Subclasses provide `start()` (waiting for real readiness) and `stop()`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -9,14 +9,13 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 
 from devstack.processes import (
     POLL_INTERVAL,
     DevStackError,
+    ManagedProcess,
     ProcessLog,
     check_port_free,
     child_env,
@@ -25,7 +24,7 @@ from devstack.processes import (
 )
 
 
-class ServiceProcess:
+class ServiceProcess(ManagedProcess):
     """`python -m service serve` as a child process, configured by `environ` (SECRETS_*).
 
     For tests and the soak that need a real process: one to SIGKILL, or to measure from /proc.
@@ -129,15 +128,3 @@ class ServiceProcess:
             if key == name:
                 return value.strip()
         raise DevStackError(f"no {name} in /proc/{self.pid}/status")
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

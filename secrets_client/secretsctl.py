@@ -337,11 +337,22 @@ def _watch(
 # -- helpers -----------------------------------------------------------------------------
 
 
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+
 class _JsonLines(logging.Formatter):
-    """A log record as one JSON object: level, logger, message (never an exception's text)."""
+    """A log record as one JSON object: level, logger, message and the scalar fields the
+    listener adds (`extra=`: subject, sequence, error_type); never an exception's text."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        line: dict[str, object] = {
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and isinstance(value, str | int | float | bool):
+                line[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             line["exc_type"] = record.exc_info[0].__name__
         return json.dumps(line, separators=(",", ":"))

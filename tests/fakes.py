@@ -34,6 +34,7 @@ __all__ = [
     "RecordingSink",
     "SpyBackend",
     "forged",
+    "lifecycle_event",
 ]
 
 
@@ -328,6 +329,21 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def lifecycle_event(
+    kind: type[Any], *versions: int, version: int = 3, event_id: str = "ev-1", path: str = "app/db"
+) -> Any:
+    """A lifecycle event of `kind` (SecretDeleted, ...) as another instance publishes it."""
+    return kind(
+        event_id=event_id,
+        path=path,
+        version=version,
+        versions=versions,
+        actor="bob",
+        instance_id="elsewhere",
+        time="2026-11-28T00:00:00+00:00",
+    )
 
 
 def forged(kind: type[Any] = SecretUpdated, **fields: Any) -> bytes:

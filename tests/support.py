@@ -284,6 +284,17 @@ def skip_unless_required(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def vault_write(openbao: OpenBaoEndpoint, path: str, data: dict[str, Any]) -> None:
+    """Write `data` straight to OpenBao (a new KV v2 version), as a person or tool bypassing
+    the service would: no event, nothing cached."""
+    response = httpx.post(
+        f"{openbao.addr}/v1/secret/data/{path}",
+        json={"data": data},
+        headers={"X-Vault-Token": openbao.root_token},
+    )
+    response.raise_for_status()
+
+
 async def eventually(
     condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01
 ) -> None:

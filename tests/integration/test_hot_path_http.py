@@ -22,6 +22,7 @@ from tests.support import (
     metric_value,
     running_service,
     service_settings,
+    vault_write,
     write_policy,
 )
 
@@ -98,16 +99,6 @@ def fast_answers(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
 
 def fresh() -> str:
     return f"app/hot-{uuid.uuid4().hex[:10]}/db"
-
-
-def vault_write(openbao: OpenBaoEndpoint, path: str, data: dict[str, Any]) -> None:
-    """Straight to OpenBao: the service has not cached it."""
-    response = httpx.post(
-        f"{openbao.addr}/v1/secret/data/{path}",
-        json={"data": data},
-        headers={"X-Vault-Token": openbao.root_token},
-    )
-    response.raise_for_status()
 
 
 def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:

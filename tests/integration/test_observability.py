@@ -33,6 +33,7 @@ from tests.support import (
     metric_value,
     running_service,
     service_settings,
+    vault_write,
     write_policy,
 )
 from tests.tokens import LocalIssuer, sign
@@ -114,15 +115,6 @@ async def svc(
 
 def fresh(prefix: str = "app") -> str:
     return f"{prefix}/o-{uuid.uuid4().hex[:10]}/db"
-
-
-def vault_write(openbao: OpenBaoEndpoint, path: str, data: dict[str, Any]) -> None:
-    response = httpx.post(
-        f"{openbao.addr}/v1/secret/data/{path}",
-        json={"data": data},
-        headers={"X-Vault-Token": openbao.root_token},
-    )
-    response.raise_for_status()
 
 
 # -- metrics move with requests ------------------------------------------------------------------

@@ -19,14 +19,6 @@ from secrets_client import ClientError, SecretsClient
 from tests.support import running_service, service_settings, write_policy
 
 T = TypeVar("T")
-POLICY = """\
-[roles.app-reader]
-read = ["app/**"]
-
-[roles.app-writer]
-read = ["app/**"]
-write = ["app/**"]
-"""
 CANARY = "canary-5ecc1e-only-in-data"
 
 
@@ -50,7 +42,7 @@ async def clients(
     oidc: OidcIssuer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Clients]:
-    policy = write_policy(tmp_path_factory.mktemp("client"), POLICY)
+    policy = write_policy(tmp_path_factory.mktemp("client"))  # the dev policy
     settings = service_settings(openbao, nats, oidc, policy, audit_sink="none")
     async with running_service(settings) as svc:
         yield Clients(svc.url, {who: oidc.mint(who) for who in ("reader", "writer")})

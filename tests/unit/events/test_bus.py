@@ -26,7 +26,7 @@ from schemas.events import (
 )
 from service.core.manager import SecretsManager
 from service.obs.metrics import Metrics
-from tests.fakes import RecordingHandler, forged
+from tests.fakes import RecordingHandler, forged, lifecycle_event
 
 PREFIX = "secrets"
 
@@ -328,15 +328,7 @@ def test_the_bus_hands_lifecycle_events_to_apply_lifecycle_and_writes_to_apply_c
     bus = EventBus(["nats://unused"], "secrets", instance_id="me")
     handler = RecordingHandler()
     bus._handler = handler
-    deleted = SecretDeleted(
-        event_id="ev-1",
-        path=path,
-        version=3,
-        versions=(3,),
-        actor="bob",
-        instance_id="elsewhere",
-        time="2026-11-28T00:00:00+00:00",
-    )
+    deleted = lifecycle_event(SecretDeleted, 3, path=path)
     created = SecretCreated(
         event_id="e2", path=path, version=1, actor="a", instance_id="other", time="t"
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 import pytest
 
@@ -15,27 +13,13 @@ from schemas.events import (
     event_decoder,
     event_encoder,
 )
-
-PATH = "app/db"
-
-
-def remote(kind: type[Any], *versions: int, version: int = 3) -> Any:
-    """A lifecycle event from another instance."""
-    return kind(
-        event_id="ev-1",
-        path=PATH,
-        version=version,
-        versions=versions,
-        actor="bob",
-        instance_id="elsewhere",
-        time="2026-11-28T00:00:00+00:00",
-    )
+from tests.fakes import lifecycle_event
 
 
 def test_lifecycle_events_round_trip_and_old_payloads_decode_with_no_versions() -> None:
     assert EVENT_TYPES[-3:] == ("secret.deleted", "secret.undeleted", "secret.destroyed")
     for kind in (SecretDeleted, SecretUndeleted, SecretDestroyed):
-        event = remote(kind, 1, 2)
+        event = lifecycle_event(kind, 1, 2)
         assert event_decoder.decode(event_encoder.encode(event)) == event
     bare = (
         b'{"type": "secret.deleted", "event_id": "e", "path": "app/db", "version": 3,'

@@ -18,7 +18,7 @@ from schemas.events import (
 )
 from schemas.secret import SecretData
 from service.core.manager import SecretsManager
-from tests.fakes import FakeVault, RecordingSink
+from tests.fakes import FakeVault, RecordingSink, lifecycle_event
 from tests.support import eventually
 
 PATH = "app/db"
@@ -49,18 +49,6 @@ async def make(vault: FakeVault) -> AsyncIterator[MakeManager]:
 def three_versions(vault: FakeVault, path: str = PATH) -> None:
     for data in (V1, V2, V3):
         vault.seed(path, data)
-
-
-def remote(kind: type[Any], *versions: int, version: int = 3, event_id: str = "ev-1") -> Any:
-    return kind(
-        event_id=event_id,
-        path=PATH,
-        version=version,
-        versions=versions,
-        actor="bob",
-        instance_id="elsewhere",
-        time="2026-11-28T00:00:00+00:00",
-    )
 
 
 # -- the fake follows KV v2 ------------------------------------------------------------------
@@ -283,7 +271,7 @@ async def test_a_remote_delete_evicts_and_tells_listeners_the_value_is_gone(
     heard: list[tuple[str, SecretData | None]] = []
     manager.add_listener("t", lambda p, v: heard.append((p, v)))
     await vault.delete_versions(PATH, [2, 3])  # done by another instance
-    event = remote(SecretDeleted, 2, 3)
+    event = lifecycle_event(SecretDeleted, 2, 3)
     manager.apply_lifecycle(event)
     manager.apply_lifecycle(event)  # replayed after a reconnect: applied once
     for version in (None, 2):
@@ -303,7 +291,7 @@ async def test_a_remote_undelete_lets_the_next_read_refetch_and_notifies_the_val
     heard: list[Any] = []
     manager.add_listener("t", lambda p, v: heard.append(None if v is None else v.reveal()))
     await vault.undelete_versions(PATH, [3])
-    manager.apply_lifecycle(remote(SecretUndeleted, 3))
+    manager.apply_lifecycle(lifecycle_event(SecretUndeleted, 3))
     assert (await manager.get(PATH)).data == V3
     await eventually(lambda: heard == [V3])
 
@@ -316,7 +304,7 @@ async def test_a_remote_event_without_versions_drops_every_entry_of_the_path(
     await manager.get(PATH)
     await manager.get(PATH, 1)
     assert len(manager.cache) == 2
-    manager.apply_lifecycle(remote(SecretDestroyed))
+    manager.apply_lifecycle(lifecycle_event(SecretDestroyed))
     assert len(manager.cache) == 0
 
 
