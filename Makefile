@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
+	@# hatch's editable install of secrets-client also copies its force-included packages into
+	@# site-packages, where they would shadow the checkout (the .pth) with stale copies.
+	$(BIN)/python -c "import shutil, sysconfig; [shutil.rmtree(sysconfig.get_paths()['purelib'] + '/' + p, ignore_errors=True) for p in ('schemas', 'events', 'secrets_client')]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ Used by the tests, the benchmarks and `secrets-service dev` from a source checko
 from devstack.nats import NatsServer, start_nats_cluster
 from devstack.oidc import DEV_PERSONAS, DEV_POLICY_TOML, OidcIssuer, configure_oidc
 from devstack.openbao import OpenBaoServer
+from devstack.postgres import PostgresServer
 from devstack.processes import (
     BinaryNotFound,
     DevStackError,
@@ -28,6 +29,7 @@ __all__ = [
     "OidcIssuer",
     "OpenBaoEndpoint",
     "OpenBaoServer",
+    "PostgresServer",
     "ServiceProcess",
     "configure_oidc",
     "find_binary",

@@ -35,6 +35,12 @@ write = ["app/**"]
 read = ["**"]
 write = ["**"]
 destroy = ["**"]
+rotate = ["**"]
+
+# POST /secrets/app/<...>:rotate (admin): a new 32-character `password`, other fields kept.
+[[rotation.rules]]
+paths = ["app/**"]
+generator = "password"
 """
 
 

@@ -38,7 +38,9 @@ class ServiceProcess(ManagedProcess):
         *,
         log_path: Path | None = None,
         tls_ca: str | Path | None = None,
+        module: str = "service",
     ) -> None:
+        """`module`: what `python -m` runs with `serve` (tests run a wrapper of the service)."""
         import ssl  # only here: the rest of the dev stack speaks plain HTTP
 
         self.environ = dict(environ)
@@ -49,6 +51,7 @@ class ServiceProcess(ManagedProcess):
             True if tls_ca is None else ssl.create_default_context(cafile=str(tls_ca))
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self.module = module
         self._log = ProcessLog(log_path, "secrets-service-")
 
     def __repr__(self) -> str:
@@ -74,7 +77,7 @@ class ServiceProcess(ManagedProcess):
             raise DevStackError(f"secrets-service at {self.url} is already running")
         check_port_free(self.port, "secrets-service")
         env = {**child_env(("SECRETS_",)), **self.environ}
-        argv = [sys.executable, "-m", "service", "serve"]
+        argv = [sys.executable, "-m", self.module, "serve"]
         self.process = process = spawn(argv, self._log, env)
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0, trust_env=False, verify=self.verify) as client:

@@ -39,8 +39,12 @@ from schemas.errors import ConfigError
 from schemas.events import (
     ChangeEvent,
     LifecycleEvent,
-    SecretCreated,
-    SecretUpdated,
+    NewVersionEvent,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretRotated,
+    SecretRotationFailed,
+    SecretUndeleted,
     event_decoder,
     event_encoder,
 )
@@ -70,6 +74,7 @@ MAX_EVENT_VERSIONS: Final = 1000  # versions one lifecycle event may name
 # Longest accepted text fields: event ids are kept (to apply a replayed one once) and pending
 # claims hold events, so a megabyte-long field must not be.
 _MAX_FIELD = {"event_id": 64, "instance_id": 128, "actor": 512, "time": 64}
+_MAX_ROTATION_FIELD = {"error": 64, "state": 16}
 # Why an event was dropped: the closed label set of secrets_events_dropped_total. The bus drops
 # the first three; the handler the rest, after asking Vault (see SecretsManager.apply_change).
 DROP_REASONS: Final = (
@@ -372,10 +377,11 @@ class EventBus:
             # Our own write: the cache and listeners already know. A forged event naming our
             # id is ignored just the same, which changes nothing here (not even an eviction).
             return
-        if isinstance(event, SecretCreated | SecretUpdated):
+        if isinstance(event, NewVersionEvent):
             self._handler.apply_change(event.path, event.version)
-        else:
+        elif isinstance(event, SecretDeleted | SecretUndeleted | SecretDestroyed):
             self._handler.apply_lifecycle(event)
+        # A failed rotation changed nothing in Vault: there is nothing to apply.
 
     def _subject_names(self, subject: str, path: str) -> bool:
         try:
@@ -469,12 +475,18 @@ def check_event(event: ChangeEvent) -> str | None:
     """
     if not is_valid_path(event.path):  # the path rules every route applies, for events too
         return "out_of_range"
-    lowest = 1 if isinstance(event, SecretCreated | SecretUpdated) else 0
+    lowest = 1 if isinstance(event, NewVersionEvent) else 0
     if not lowest <= event.version <= MAX_EVENT_VERSION:
         return "out_of_range"
     versions = getattr(event, "versions", ())
     if len(versions) > MAX_EVENT_VERSIONS or any(v > MAX_EVENT_VERSION for v in versions):
         return "out_of_range"
     if any(len(getattr(event, name)) > limit for name, limit in _MAX_FIELD.items()):
+        return "out_of_range"
+    if isinstance(event, SecretRotated) and not event.previous_version < event.version:
+        return "out_of_range"
+    if isinstance(event, SecretRotationFailed) and any(
+        len(getattr(event, name)) > limit for name, limit in _MAX_ROTATION_FIELD.items()
+    ):
         return "out_of_range"
     return None

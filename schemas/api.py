@@ -17,6 +17,9 @@ __all__ = [
     "LifecycleResponse",
     "MAX_VERSIONS_PER_REQUEST",
     "RollbackRequest",
+    "RotateRequest",
+    "RotateResponse",
+    "RotationStatus",
     "SecretBody",
     "SecretMetadata",
     "VersionMetadata",
@@ -26,6 +29,7 @@ __all__ = [
     "WriteResponse",
     "encoder",
     "rollback_request_decoder",
+    "rotate_request_decoder",
     "versions_request_decoder",
     "write_request_decoder",
 ]
@@ -161,7 +165,36 @@ class LifecycleResponse(msgspec.Struct):
     versions: list[int]
 
 
+class RotateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST :rotate body (optional): rotate only if the current version is still `version`."""
+
+    version: Annotated[
+        VersionNumber | None, msgspec.Meta(description="The current version the caller last saw")
+    ] = None
+
+
+class RotateResponse(msgspec.Struct):
+    """POST :rotate answer: the version the rotation wrote and the one it replaced."""
+
+    path: str
+    version: int
+    previous_version: int
+
+
+class RotationStatus(msgspec.Struct):
+    """GET :rotation answer. `state`: idle, running, failed or stalled; `last_error` is a code
+    (never a value); times are RFC 3339 UTC, `next_rotation` null when only on request."""
+
+    path: str
+    state: str
+    last_rotated: str | None
+    next_rotation: str | None
+    failures: int
+    last_error: str | None
+
+
 encoder = msgspec.json.Encoder()
 write_request_decoder = msgspec.json.Decoder(WriteRequest)
 versions_request_decoder = msgspec.json.Decoder(VersionsRequest)
 rollback_request_decoder = msgspec.json.Decoder(RollbackRequest)
+rotate_request_decoder = msgspec.json.Decoder(RotateRequest)

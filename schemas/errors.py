@@ -8,8 +8,11 @@
     ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found
     ├── VersionConflict               409 version_conflict  (.current_version)
+    ├── RotationInProgress            409 rotation_in_progress
     ├── TooLarge                      413 too_large
     ├── InvalidSecret                 422 invalid_secret    (.violations)
+    ├── NoRotationRule                422 no_rotation_rule
+    ├── RotationFailed                502 rotation_failed   (.reason: a ROTATION_ERRORS code)
     └── BackendUnavailable            503 backend_unavailable
         ├── VaultUnavailable              Vault unreachable, timing out or failing
         ├── VaultAccessDenied             Vault refused the service's own token (misconfiguration)
@@ -32,7 +35,10 @@ __all__ = [
     "InvalidPath",
     "InvalidRequest",
     "InvalidSecret",
+    "NoRotationRule",
     "NotFound",
+    "RotationFailed",
+    "RotationInProgress",
     "SecretsError",
     "TooLarge",
     "Unauthenticated",
@@ -142,6 +148,40 @@ class InvalidSecret(SecretsError):
     def __init__(self, violations: Sequence[Violation], *, path: str | None = None) -> None:
         super().__init__("the secret breaks the validation rules", path=path)
         self.violations = list(violations)
+
+
+class RotationInProgress(SecretsError):
+    status = 409
+    code = "rotation_in_progress"
+
+    def __init__(
+        self, detail: str = "another rotation of this path is under way", *, path: str | None = None
+    ) -> None:
+        super().__init__(detail, path=path)
+
+
+class NoRotationRule(SecretsError):
+    status = 422
+    code = "no_rotation_rule"
+
+    def __init__(
+        self,
+        detail: str = "no [[rotation.rules]] entry covers this path",
+        *,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(detail, path=path)
+
+
+class RotationFailed(SecretsError):
+    """The rotation's attempts all failed; the old credential stands. `reason` is a code."""
+
+    status = 502
+    code = "rotation_failed"
+
+    def __init__(self, reason: str, detail: str, *, path: str | None = None) -> None:
+        super().__init__(detail, path=path)
+        self.reason = reason
 
 
 class BackendUnavailable(SecretsError):

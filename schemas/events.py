@@ -14,9 +14,12 @@ __all__ = [
     "ChangeEvent",
     "EVENT_TYPES",
     "LifecycleEvent",
+    "NewVersionEvent",
     "SecretCreated",
     "SecretDeleted",
     "SecretDestroyed",
+    "SecretRotated",
+    "SecretRotationFailed",
     "SecretUndeleted",
     "SecretUpdated",
     "event_decoder",
@@ -59,14 +62,44 @@ class SecretDestroyed(_Lifecycle, tag="secret.destroyed", frozen=True):
     """`versions` were destroyed: their data is gone for good."""
 
 
+class SecretRotated(_Change, tag="secret.rotated", frozen=True):
+    """A rotation wrote `version` in place of `previous_version`: switch to `version` now."""
+
+    previous_version: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class SecretRotationFailed(_Change, tag="secret.rotation_failed", frozen=True):
+    """A rotation of `path` failed; `version` is its current version, unchanged.
+
+    `error` is a code (`ROTATION_ERRORS` in service/rotation), never a value; `failures` counts
+    the failed cycles in a row; `state` is `failed`, or `stalled` once scheduling gave up.
+    """
+
+    error: str = "internal"
+    failures: Annotated[int, msgspec.Meta(ge=0)] = 0
+    state: str = "failed"
+
+
 LifecycleEvent = SecretDeleted | SecretUndeleted | SecretDestroyed
-ChangeEvent = SecretCreated | SecretUpdated | SecretDeleted | SecretUndeleted | SecretDestroyed
+NewVersionEvent = SecretCreated | SecretUpdated | SecretRotated
+"""Events that announce a new version: caches drop the path, listeners hear the value."""
+ChangeEvent = (
+    SecretCreated
+    | SecretUpdated
+    | SecretDeleted
+    | SecretUndeleted
+    | SecretDestroyed
+    | SecretRotated
+    | SecretRotationFailed
+)
 EVENT_TYPES: tuple[str, ...] = (
     "secret.created",
     "secret.updated",
     "secret.deleted",
     "secret.undeleted",
     "secret.destroyed",
+    "secret.rotated",
+    "secret.rotation_failed",
 )
 
 event_encoder = msgspec.json.Encoder()

@@ -15,6 +15,8 @@ from schemas.errors import InvalidPath
 __all__ = [
     "MAX_PATH_LENGTH",
     "MAX_SEGMENTS",
+    "RESERVED_FOLDER",
+    "is_reserved",
     "is_valid_path",
     "split_custom_method",
     "validate_path",
@@ -26,6 +28,11 @@ MAX_SEGMENTS = 16
 
 SEGMENT_CHARS = "A-Za-z0-9_.-"  # "-" last, so that it stays literal
 """The segment alphabet as a regex character-class body (explicit ASCII ranges, so no Unicode)."""
+
+RESERVED_FOLDER = ".secrets-service"
+"""The top folder of the mount where the service keeps its own state (rotation runs): no role
+can be granted a path below it, and no listing shows it."""
+_RESERVED_BELOW = RESERVED_FOLDER + "/"
 
 _SEGMENT = f"[{SEGMENT_CHARS}]+"
 # The lookahead refuses a "." or ".." segment inside the same single scan: measured faster than a
@@ -40,6 +47,11 @@ def is_valid_path(raw: str) -> bool:
     """True if `raw` satisfies every path rule; the hot-path form of `validate_path`."""
     # The length check first bounds the regex's work on a huge input.
     return len(raw) <= MAX_PATH_LENGTH and _PATH_RE.fullmatch(raw) is not None
+
+
+def is_reserved(path: str) -> bool:
+    """True for `RESERVED_FOLDER` and every path below it."""
+    return path.startswith(_RESERVED_BELOW) or path == RESERVED_FOLDER
 
 
 def validate_path(raw: str) -> str:

@@ -113,6 +113,17 @@ class SecretsClient:
         payload = {"to_version": to_version, "version": version}
         return self.request("POST", f"{secret_url(path)}:rollback", json=payload)
 
+    def rotate(self, path: str, *, version: int | None = None) -> Any:
+        """Rotate now: `{"path", "version", "previous_version"}`. With `version`, only if it
+        is still the current version (else ClientError `version_conflict`)."""
+        payload = None if version is None else {"version": version}
+        return self.request("POST", f"{secret_url(path)}:rotate", json=payload)
+
+    def rotation(self, path: str) -> Any:
+        """The rotation state: `{"path", "state", "last_rotated", "next_rotation", "failures",
+        "last_error"}`."""
+        return self.request("GET", f"{secret_url(path)}:rotation")
+
     def request(
         self,
         method: str,

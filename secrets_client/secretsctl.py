@@ -36,11 +36,13 @@ EXIT_CODES: Mapping[int, str] = {
     EXIT_ERROR: "any other error",
     EXIT_USAGE: "usage error (bad arguments)",
     EXIT_NOT_FOUND: "not found (404)",
-    EXIT_CONFLICT: "version conflict (409): the body on stderr holds current_version",
+    EXIT_CONFLICT: "conflict (409): a stale version (the body on stderr holds current_version), "
+    "or a rotation already under way",
     EXIT_FORBIDDEN: "forbidden (403): no grant for this path",
     EXIT_UNAUTHENTICATED: "unauthenticated (401), or SECRETS_TOKEN not set",
     EXIT_INVALID: "invalid input (400, 413, 422), checked locally or by the service",
-    EXIT_UNAVAILABLE: "service, Vault or NATS unavailable (503, connection failure, timeout)",
+    EXIT_UNAVAILABLE: "service, Vault or NATS unavailable (503, connection failure, timeout), "
+    "or a rotation failed (502 rotation_failed: the old credential stands)",
 }
 
 _BY_STATUS = {
@@ -86,6 +88,8 @@ examples:
   secretsctl list app                                    # folders end in '/'
   secretsctl delete app/db --versions 2,3                # default: the current version
   secretsctl rollback app/db --to 2 --version 4
+  secretsctl rotate app/db                               # or --version 4: only from v4
+  secretsctl rotation app/db                             # state, last and next rotation
   secretsctl watch 'app/**'
 """
 )
@@ -186,6 +190,18 @@ def _parser() -> argparse.ArgumentParser:
         "--version", type=_positive, required=True, help="the current version you last saw"
     )
 
+    rotate = sub.add_parser(
+        "rotate", help="rotate now under the path's [[rotation.rules]] entry (secrets:rotate)"
+    )
+    rotate.add_argument("path")
+    rotate.add_argument(
+        "--version", type=_positive, help="rotate only if this is still the current version"
+    )
+    rotation = sub.add_parser(
+        "rotation", help="rotation state: idle, running, failed or stalled; last and next"
+    )
+    rotation.add_argument("path")
+
     watch = sub.add_parser(
         "watch",
         help="print change events as JSON lines until interrupted (reads NATS directly)",
@@ -242,6 +258,10 @@ def _command(client: SecretsClient, args: argparse.Namespace, stdin: IO[str]) ->
         return client.undelete(path, args.versions)
     if command == "destroy":
         return client.destroy(path, args.versions)
+    if command == "rotate":
+        return client.rotate(path, version=args.version)
+    if command == "rotation":
+        return client.rotation(path)
     return client.rollback(path, args.to, version=args.version)
 
 

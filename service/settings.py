@@ -69,6 +69,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     audit_fail_closed: str = "writes"  # "writes" | "all" | "none"
     metrics_port: int = 0  # 0: /metrics on the main port
     metrics_role: str | None = None  # a role a bearer token must hold to read /metrics
+    # Rotation: seconds between walks of Vault for the paths the rules schedule, and how long a
+    # run holds a path before another instance may take it over (its instance died).
+    rotation_scan_interval: float = 30.0
+    rotation_lease: float = 60.0
     instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __repr__(self) -> str:
@@ -162,6 +166,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "audit_fail_closed": _one_of("writes", "all", "none"),
             "metrics_port": _int_between(0, 65535),
             "metrics_role": _nonempty,
+            "rotation_scan_interval": _positive_float,
+            "rotation_lease": _positive_float,
             "instance_id": _subject_token,
         }
         for name, parse in optional.items():

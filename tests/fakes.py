@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from events.bus import ChangeHandler
     from service.audit.log import AuditPublisher
     from service.core import EventSink
+    from service.rotation.coordinator import Logins
     from service.vault import VaultBackend
 
 __all__ = [
     "FakeClock",
+    "FakeLogins",
     "FakePublisher",
     "FakeVault",
     "RecordingHandler",
@@ -71,9 +73,11 @@ class FakeVault:
         """Make the next `times` calls (any method) raise VaultUnavailable."""
         self._failures += times
 
-    def seed(self, path: str, data: Mapping[str, Any]) -> Secret:
-        """Write the next version of `path` directly, as another instance would: not counted."""
-        return self._store(path, data)
+    def seed(self, path: str, data: Mapping[str, Any], *, at: datetime | None = None) -> Secret:
+        """Write the next version of `path` directly, as another instance would: not counted.
+
+        `at`: its created_time (default now)."""
+        return self._store(path, data, at)
 
     def current(self, path: str) -> int:
         return len(self._versions.get(path, ()))
@@ -202,14 +206,14 @@ class FakeVault:
             return True
         return False
 
-    def _store(self, path: str, data: Mapping[str, Any]) -> Secret:
+    def _store(self, path: str, data: Mapping[str, Any], at: datetime | None = None) -> Secret:
         stored = json.loads(json.dumps(dict(data)))  # TypeError for what JSON cannot hold
         versions = self._versions.setdefault(path, [])
         secret = Secret(
             path=path,
             version=len(versions) + 1,
             data=SecretData(stored),
-            created_time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            created_time=(at or datetime.now(UTC)).isoformat(timespec="microseconds"),
         )
         versions.append(secret)
         return secret
@@ -331,6 +335,64 @@ class FakeClock:
         self.now += seconds
 
 
+class FakeLogins:
+    """The database a postgres rotation changes, in memory: role -> the password it accepts
+    (None: no password login). `fail` makes `apply` raise it, as a database that is down."""
+
+    def __init__(self) -> None:
+        self.passwords: dict[str, str | None] = {}
+        self.retired: dict[str, float] = {}  # role -> grace it was given when retired
+        self.calls: list[str] = []
+        self.fail: Exception | None = None
+
+    def plan(
+        self, data: Mapping[str, Any], new_password: str, *, alternating: bool
+    ) -> dict[str, Any]:
+        if not alternating:
+            return {"password": new_password}
+        username = str(data["username"])
+        twin = username[: -len("_clone")] if username.endswith("_clone") else username + "_clone"
+        return {"username": twin, "password": new_password}
+
+    async def apply(
+        self,
+        base: Mapping[str, Any],
+        pending: Mapping[str, Any],
+        master: Mapping[str, Any] | None,
+    ) -> None:
+        self.calls.append("apply")
+        if self.fail is not None:
+            raise self.fail
+        self.passwords[str(pending.get("username", base["username"]))] = str(pending["password"])
+
+    async def finish(
+        self,
+        base: Mapping[str, Any],
+        pending: Mapping[str, Any],
+        master: Mapping[str, Any] | None,
+        grace: float,
+    ) -> None:
+        self.calls.append("finish")
+        if master is not None:
+            self.retired[str(base["username"])] = grace
+
+    async def undo(
+        self,
+        latest: Mapping[str, Any] | None,
+        base: Mapping[str, Any],
+        pending: Mapping[str, Any],
+        master: Mapping[str, Any] | None,
+    ) -> None:
+        self.calls.append("undo")
+        if self.fail is not None:
+            raise self.fail
+        role = str(pending.get("username", base["username"]))
+        if latest is not None and latest.get("username") == role:
+            self.passwords[role] = str(latest["password"])
+        else:
+            self.passwords[role] = None if master is not None else str(base["password"])
+
+
 def lifecycle_event(
     kind: type[Any], *versions: int, version: int = 3, event_id: str = "ev-1", path: str = "app/db"
 ) -> Any:
@@ -367,3 +429,4 @@ if TYPE_CHECKING:
     _sink: EventSink = RecordingSink()
     _handler: ChangeHandler = RecordingHandler()
     _publisher: AuditPublisher = FakePublisher()
+    _logins: Logins = FakeLogins()

@@ -23,6 +23,7 @@ from devstack import (
     OidcIssuer,
     OpenBaoEndpoint,
     OpenBaoServer,
+    PostgresServer,
     configure_oidc,
     start_nats_cluster,
     wait_for_kv,
@@ -171,6 +172,21 @@ def nats() -> Iterator[NatsEndpoint]:
 def oidc(openbao: OpenBaoEndpoint) -> OidcIssuer:
     """OpenBao as an OIDC issuer with the dev personas (reader, writer, admin)."""
     return configure_oidc(openbao.addr, openbao.root_token)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A running PostgreSQL 16 (the pgserver wheel's binaries): `.host`, `.port`, SCRAM logins
+    over TCP; `.create_login(role, password)` and `.sql(script)` as the superuser."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except BinaryNotFound as exc:
+        skip_unless_required(f"PostgreSQL is not available: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Deny by default: a permission is granted only by a role that lists a glob matching the path, and,
 where the token carries scopes, only if the permission is among them too (scopes narrow, never
-widen). ``write`` does not imply ``read``.
+widen). ``write`` does not imply ``read``. No role is granted anything below the service's own
+folder, `.secrets-service/`, where it keeps its rotation state.
 
     [auth]
     roles_claim = "roles"        # claim holding role names
@@ -26,16 +27,22 @@ from typing import Any
 
 from schemas.errors import ConfigError
 from schemas.globs import PathGlob
-from schemas.paths import is_valid_path
+from schemas.paths import is_reserved, is_valid_path
 
-__all__ = ["DESTROY", "METRICS", "PERMISSIONS", "READ", "WRITE", "Policy"]
+__all__ = ["DESTROY", "METRICS", "PERMISSIONS", "READ", "ROTATE", "WRITE", "Policy"]
 
 READ = "secrets:read"
 WRITE = "secrets:write"
 DESTROY = "secrets:destroy"
+ROTATE = "secrets:rotate"
 METRICS = "secrets:metrics"
 """With SECRETS_METRICS_ROLE, a token carrying scopes must list this one to read /metrics."""
-PERMISSIONS: Mapping[str, str] = {"read": READ, "write": WRITE, "destroy": DESTROY}
+PERMISSIONS: Mapping[str, str] = {
+    "read": READ,
+    "write": WRITE,
+    "destroy": DESTROY,
+    "rotate": ROTATE,
+}
 """Keys a role may hold, and the permission each grants."""
 
 POLICY_SETTING = "SECRETS_POLICY_FILE"
@@ -141,11 +148,12 @@ class Policy:
     ) -> bool:
         """True only if a role grants `permission` on `path` and `scopes` (if given) hold it.
 
-        An invalid path is never allowed, whatever the globs say.
+        An invalid path is never allowed, whatever the globs say; nor is one in the service's own
+        folder (`schemas.paths.RESERVED_FOLDER`).
         """
         if scopes is not None and permission not in scopes:
             return False
-        if not is_valid_path(path):
+        if not is_valid_path(path) or is_reserved(path):
             return False
         matchers = self._matchers
         for role in roles:

@@ -144,6 +144,19 @@ class SecretsManager:
         """
         return await self._writes.set(path, data, version, actor)
 
+    async def write_rotation(
+        self, path: str, data: Mapping[str, Any], version: int, *, actor: str
+    ) -> Secret:
+        """`set`, announced as `secret.rotated` (with `previous_version=version`): for the
+        rotation coordinator (service.rotation), which makes `data` and checks it first."""
+        return await self._writes.set(path, data, version, actor, rotation=True)
+
+    def rotation_found(self, path: str, version: int, previous: int, *, actor: str) -> None:
+        """A rotation's write that another (crashed) instance made is found in Vault: apply it
+        here as a change, and announce it as `secret.rotated`, which it may never have been."""
+        self._coherence.apply_change(path, version)
+        self._writes.announce_rotation(path, version, previous, actor)
+
     async def rollback(
         self, path: str, to_version: int, version: int, *, actor: str = "in-process"
     ) -> Secret:

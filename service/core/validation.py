@@ -206,13 +206,18 @@ class Validator:
                 return rule
         return self.defaults
 
+    def violations(self, path: str, data: Mapping[str, Any]) -> list[Violation]:
+        """What `validate` finds, without counting it in `failures`: for checks that are no
+        caller's write, such as a rotation trying out generated values."""
+        return _check(self.rule_for(path), data, self.sensitive)
+
     def validate(self, path: str, data: Mapping[str, Any]) -> list[Violation]:
         """Every rule `data` breaks at `path`; empty when it is fine.
 
         Raises InvalidRequest if `data` is not plain JSON (a set, bytes, NaN...) or holds an
         integer beyond 2**53 - 1 in size.
         """
-        violations = _check(self.rule_for(path), data, self.sensitive)
+        violations = self.violations(path, data)
         for violation in violations:
             self.failures[violation.rule] += 1
         return violations

@@ -16,6 +16,7 @@ from schemas.events import (
     SecretCreated,
     SecretDeleted,
     SecretDestroyed,
+    SecretRotated,
     SecretUndeleted,
     SecretUpdated,
 )
@@ -62,8 +63,19 @@ class Writes:
         self.instance_id = instance_id
         self.cas_conflicts = 0  # a plain int, read by the metrics collector at scrape time
 
-    async def set(self, path: str, data: Mapping[str, Any], version: int, actor: str) -> Secret:
-        """Write `data` as the next version if the current version is `version` (CAS)."""
+    async def set(
+        self,
+        path: str,
+        data: Mapping[str, Any],
+        version: int,
+        actor: str,
+        *,
+        rotation: bool = False,
+    ) -> Secret:
+        """Write `data` as the next version if the current version is `version` (CAS).
+
+        With `rotation`, the write is announced as `secret.rotated` from `version`.
+        """
         validate_path(path)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequest("version must be an integer >= 0", path=path)
@@ -77,7 +89,10 @@ class Writes:
             raise
         newest = self.ledger.advance(path, secret.version)
         self.reads.cache_latest(secret)
-        self.announce(path, secret.version, actor)
+        if rotation:
+            self.announce_rotation(path, secret.version, version, actor)
+        else:
+            self.announce(path, secret.version, actor)
         if newest and self.listeners.hear(path, secret.version):
             # If a newer version's event came first, listeners heard of that one instead.
             self.listeners.notify(path, secret.data)
@@ -136,6 +151,22 @@ class Writes:
                 event_id=uuid.uuid4().hex,
                 path=path,
                 version=version,
+                actor=actor,
+                instance_id=self.instance_id,
+                time=_now(),
+            )
+        )
+
+    def announce_rotation(self, path: str, version: int, previous: int, actor: str) -> None:
+        """Publish that a rotation replaced `previous` with `version`."""
+        if self.events is None:
+            return
+        self.events.publish(
+            SecretRotated(
+                event_id=uuid.uuid4().hex,
+                path=path,
+                version=version,
+                previous_version=previous,
                 actor=actor,
                 instance_id=self.instance_id,
                 time=_now(),

@@ -17,7 +17,14 @@ from schemas.api import MAX_VERSIONS_PER_REQUEST
 from schemas.errors import InvalidRequest, TooLarge
 from service.settings import Settings
 
-__all__ = ["decode_body", "read_body", "read_json", "version_param", "versions_param"]
+__all__ = [
+    "decode_body",
+    "read_body",
+    "read_json",
+    "read_optional_json",
+    "version_param",
+    "versions_param",
+]
 
 T = TypeVar("T")
 
@@ -34,8 +41,20 @@ async def read_json(
     return decode_body(raw, decoder, expected, path)
 
 
-async def read_body(request: Request, limit: int, expected: str) -> bytes:
-    """The body, at most `limit` bytes (413 beyond), never empty, no key named twice."""
+async def read_optional_json(
+    request: Request, path: str, decoder: msgspec.json.Decoder[T], expected: str
+) -> T | None:
+    """As `read_json`, but a request without a body gets None."""
+    settings: Settings = request.app.state.settings
+    raw = await read_body(request, settings.max_body_bytes, expected, optional=True)
+    return decode_body(raw, decoder, expected, path) if raw else None
+
+
+async def read_body(
+    request: Request, limit: int, expected: str, *, optional: bool = False
+) -> bytes:
+    """The body, at most `limit` bytes (413 beyond), no key named twice; never empty unless
+    `optional`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -50,6 +69,8 @@ async def read_body(request: Request, limit: int, expected: str) -> bytes:
             raise TooLarge(f"the body exceeds {limit} bytes")
         chunks.append(chunk)
     if size == 0:
+        if optional:
+            return b""
         raise InvalidRequest(f"a JSON body {expected} is required")
     raw = b"".join(chunks)
     _refuse_duplicate_keys(raw)

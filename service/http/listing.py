@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from schemas.api import KeyList
 from schemas.errors import Forbidden, NotFound
+from schemas.paths import is_reserved
 from service.auth import Policy, Principal
 from service.auth.policy import READ
 from service.core import SecretsManager
@@ -29,7 +30,7 @@ async def list_keys(request: Request, principal: Principal, path: str) -> Respon
     globs = policy.grants(principal.roles, principal.scopes, READ)
     # Forbidden unless some readable path could lie below: decided by the policy alone, so
     # the same answer whether the prefix exists or not.
-    if not any(glob.could_match_under(path) for glob in globs):
+    if is_reserved(path) or not any(glob.could_match_under(path) for glob in globs):
         raise Forbidden(path=path)
     manager: SecretsManager = request.state.manager
     try:
@@ -63,6 +64,8 @@ def visible_keys(policy: Policy, principal: Principal, prefix: str, keys: list[s
     shown = []
     for key in keys:
         full = f"{prefix}/{key}" if prefix else key
+        if is_reserved(full.rstrip("/")):
+            continue  # the service's own state: never shown, whatever the globs say
         if key.endswith("/"):
             visible = any(glob.could_match_under(full[:-1]) for glob in globs)
         else:

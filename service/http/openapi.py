@@ -13,6 +13,9 @@ from schemas.api import (
     KeyList,
     LifecycleResponse,
     RollbackRequest,
+    RotateRequest,
+    RotateResponse,
+    RotationStatus,
     SecretBody,
     SecretMetadata,
     VersionsRequest,
@@ -61,6 +64,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     structs = [SecretBody, WriteRequest, WriteResponse, ErrorBody, ConflictError]
     structs.append(InvalidSecretError)
     structs += [SecretMetadata, KeyList, VersionsRequest, RollbackRequest, LifecycleResponse]
+    structs += [RotateRequest, RotateResponse, RotationStatus]
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
     no_store = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
     paths: dict[str, Any] = {
@@ -106,6 +110,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "delete": _delete_operation(),
         },
         **_lifecycle_paths(),
+        **_rotation_paths(),
         "/healthz": {"get": _plain("alive", "Liveness")},
         "/readyz": {"get": _plain("ready: Vault and NATS answer (else 503)", "Readiness")},
         "/metrics": {"get": _plain("Prometheus text exposition", "Metrics", "text/plain")},
@@ -219,6 +224,38 @@ def _lifecycle_paths() -> dict[str, Any]:
                     "409": _json(ConflictError, "version_conflict"),
                     "422": _json(InvalidSecretError, "invalid_secret"),
                 },
+            ),
+        },
+    }
+
+
+def _rotation_paths() -> dict[str, Any]:
+    rotate = _operation(
+        "rotateSecret",
+        "Rotate now under the path's [[rotation.rules]] entry (secrets:rotate): the listed "
+        "fields regenerated, every other field carried over, written with CAS. The body is "
+        'optional: {"version": N} rotates only if N is still the current version',
+        _json(RotateResponse, "Rotated"),
+        errors={
+            "409": _error("version_conflict (a stale version) or rotation_in_progress"),
+            "422": _error("no_rotation_rule, or invalid_secret (the path's validation rules)"),
+            "502": _error("rotation_failed: every attempt failed; the current version stands"),
+        },
+    )
+    rotate["requestBody"] = {
+        "required": False,
+        "content": {"application/json": {"schema": _ref(RotateRequest)}},
+    }
+    return {
+        "/secrets/{path}:rotate": {"parameters": [_PATH_PARAM], "post": rotate},
+        "/secrets/{path}:rotation": {
+            "parameters": [_PATH_PARAM],
+            "get": _operation(
+                "getSecretRotation",
+                "Rotation state (secrets:read): idle, running, failed or stalled, the last "
+                "and next rotation, failed cycles in a row and the last error code",
+                _json(RotationStatus, "The rotation state"),
+                errors={"422": _error("no_rotation_rule")},
             ),
         },
     }

@@ -1,5 +1,5 @@
 """The app's lifespan: it opens what the service runs on (Vault backend, OIDC verifier, event
-bus, SecretsManager, audit log, the metrics port, the version watcher), yields it as the
+bus, SecretsManager, audit log, rotation, the metrics port, the version watcher), yields it as the
 request state, and closes it in reverse; and `Readiness`, what /readyz reports.
 """
 
@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -24,6 +24,9 @@ from service.auth import OIDCVerifier, Policy
 from service.core import SecretsManager
 from service.core.validation import Validator
 from service.obs.metrics import Metrics
+from service.rotation.coordinator import Coordinator
+from service.rotation.rules import RotationRules
+from service.rotation.schedule import Scheduler
 from service.settings import Settings
 from service.vault import HvacBackend, VaultBackend
 
@@ -70,6 +73,10 @@ async def _open(
 ) -> AsyncIterator[dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         pol = policy or Policy.load(settings.policy_file)
+        # Every section of the policy is checked before anything is opened: a bad rule stops
+        # start-up (exit 2) naming it.
+        validator = Validator.from_policy(pol.raw)
+        rotation_rules = RotationRules.from_policy(pol.raw, validator)
         vault = backend
         if vault is None:
             hvac_backend = HvacBackend(
@@ -116,7 +123,7 @@ async def _open(
             fallback_ttl=settings.cache_fallback_ttl,
             instance_id=settings.instance_id,
             events=events,
-            validator=Validator.from_policy(pol.raw),
+            validator=validator,
         )
         stack.push_async_callback(manager.aclose)
         stack.push_async_callback(events.aclose)
@@ -129,7 +136,15 @@ async def _open(
         )
         await audit.start()
         stack.push_async_callback(audit.aclose)  # before the bus closes: it drains to NATS
-        metrics.bind(manager=manager, bus=events, audit=audit)
+        rotation = Coordinator(manager, rotation_rules, audit=audit, lease=settings.rotation_lease)
+        scheduler = None
+        if rotation_rules.rules:
+            # Also where no rule has a schedule: it resumes runs whose instance died.
+            scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
+            await _run_in_background(stack, scheduler.run())
+        metrics.bind(
+            manager=manager, bus=events, audit=audit, rotation=rotation, scheduler=scheduler
+        )
         if settings.metrics_port:
             await _serve_metrics(stack, metrics, settings.host, settings.metrics_port)
         if settings.vault_poll_interval > 0:
@@ -149,7 +164,9 @@ async def _open(
         app.state.manager = manager
         app.state.bus = events
         app.state.audit = audit
+        app.state.rotation = rotation
         yield {
+            "rotation": rotation,
             "manager": manager,
             "verifier": auth,
             "policy": pol,
@@ -158,6 +175,20 @@ async def _open(
             "readiness": Readiness(vault, events),
             "audit": audit,
         }
+
+
+async def _run_in_background(
+    stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]
+) -> None:
+    """Run `work` until the app stops: cancelled, and awaited, before what it uses closes."""
+    task = asyncio.get_running_loop().create_task(work)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
 
 
 async def _serve_metrics(

@@ -2,7 +2,7 @@
 the handler picked by (HTTP method, custom verb) from one table.
 
 A verb is an AIP-136 custom method: an unknown one is 404, a known one with the wrong HTTP
-method 405 (JSON, with Allow). Handlers live in secrets, lifecycle and listing.
+method 405 (JSON, with Allow). Handlers live in secrets, lifecycle, listing and rotation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from schemas.api import ErrorBody
 from schemas.errors import InvalidPath, NotFound
 from schemas.paths import split_custom_method, validate_path, validate_prefix
 from service.auth import Principal
-from service.http import lifecycle, listing, secrets
+from service.http import lifecycle, listing, rotation, secrets
 from service.http.access import authenticate
 from service.http.responses import NO_STORE, json_response
 from service.http.trace import trace_of
@@ -34,6 +34,8 @@ METHODS: dict[tuple[str, str | None], Handler] = {
     ("POST", "undelete"): lifecycle.undelete,
     ("POST", "destroy"): lifecycle.destroy,
     ("POST", "rollback"): lifecycle.rollback,
+    ("POST", "rotate"): rotation.rotate,
+    ("GET", "rotation"): rotation.rotation,
 }
 """Every handler of `/secrets/{path}`, keyed by (HTTP method, custom verb or None)."""
 

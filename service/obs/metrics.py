@@ -18,6 +18,9 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_listings_truncated_total
     secrets_audit_records_total{sink,result}     secrets_audit_dropped_total{reason}
     secrets_audit_refused_total                  secrets_audit_healthy
+    secrets_rotations_total{outcome}             secrets_rotation_attempts_total{outcome}
+    secrets_rotation_last_success_timestamp_seconds
+    secrets_rotations_overdue                    secrets_rotations_stalled
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
     from events.bus import EventBus
     from service.audit.log import AuditLog
     from service.core.manager import SecretsManager
+    from service.rotation.coordinator import Coordinator
+    from service.rotation.schedule import Scheduler
 
 __all__ = ["VAULT_ERRORS", "VAULT_OPS", "Metrics"]
 
@@ -111,11 +116,13 @@ class Metrics:
         manager: SecretsManager,
         bus: EventBus | None = None,
         audit: AuditLog | None = None,
+        rotation: Coordinator | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         """Read the plain counters of these objects at each scrape (once per app)."""
         if self._collector is not None:
             self.registry.unregister(self._collector)
-        self._collector = _StateCollector(manager, bus, audit)
+        self._collector = _StateCollector(manager, bus, audit, rotation, scheduler)
         self.registry.register(self._collector)
         if bus is not None:
             bus.lag_observer = self.event_lag.observe
@@ -162,11 +169,18 @@ class _OperationCollector(Collector):
 
 class _StateCollector(Collector):
     def __init__(
-        self, manager: SecretsManager, bus: EventBus | None, audit: AuditLog | None
+        self,
+        manager: SecretsManager,
+        bus: EventBus | None,
+        audit: AuditLog | None,
+        rotation: Coordinator | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.audit = audit
+        self.rotation = rotation
+        self.scheduler = scheduler
 
     def collect(self) -> Iterator[Metric]:
         cache = self.manager.cache
@@ -236,6 +250,40 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily(
                 "secrets_audit_healthy", "1 while an audit sink is working", int(audit.healthy)
             )
+        if self.rotation is not None:
+            yield from _rotation_metrics(self.rotation, self.scheduler)
+
+
+def _rotation_metrics(rotation: Coordinator, scheduler: Scheduler | None) -> Iterator[Metric]:
+    yield _labelled(
+        "secrets_rotations",
+        "Rotations by outcome: ok, failed (a cycle's attempts all failed), stalled (that made "
+        "the path stalled), conflict (a write won and the rotation re-planned)",
+        "outcome",
+        rotation.rotations,
+    )
+    yield _labelled(
+        "secrets_rotation_attempts",
+        "Rotation attempts by outcome (ok, failed); a cycle retries with backoff",
+        "outcome",
+        rotation.attempt_outcomes,
+    )
+    yield GaugeMetricFamily(
+        "secrets_rotation_last_success_timestamp_seconds",
+        "When this instance last completed a rotation (Unix time; 0: never)",
+        rotation.last_success,
+    )
+    # Paths this instance's scheduler saw at its last scan; 0 where it runs no scheduler.
+    yield GaugeMetricFamily(
+        "secrets_rotations_overdue",
+        "Scheduled paths past their due time by more than a scan interval",
+        scheduler.overdue if scheduler is not None else 0,
+    )
+    yield GaugeMetricFamily(
+        "secrets_rotations_stalled",
+        "Paths whose rotation stalled: the schedule stopped trying until one succeeds on request",
+        scheduler.stalled if scheduler is not None else 0,
+    )
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:

@@ -14,8 +14,16 @@ import pytest
 from events.bus import ChangeHandler
 from service.audit.log import AuditPublisher
 from service.core import EventSink
+from service.rotation.coordinator import Logins
 from service.vault import VaultBackend
-from tests.fakes import FakePublisher, FakeVault, RecordingHandler, RecordingSink, SpyBackend
+from tests.fakes import (
+    FakeLogins,
+    FakePublisher,
+    FakeVault,
+    RecordingHandler,
+    RecordingSink,
+    SpyBackend,
+)
 
 FAKES = [
     pytest.param(VaultBackend, FakeVault, id="FakeVault"),
@@ -23,6 +31,7 @@ FAKES = [
     pytest.param(EventSink, RecordingSink, id="RecordingSink"),
     pytest.param(ChangeHandler, RecordingHandler, id="RecordingHandler"),
     pytest.param(AuditPublisher, FakePublisher, id="FakePublisher"),
+    pytest.param(Logins, FakeLogins, id="FakeLogins"),
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 from schemas.errors import ConfigError
 from schemas.globs import PathGlob
 from schemas.paths import MAX_PATH_LENGTH, MAX_SEGMENTS
-from service.auth.policy import DESTROY, PERMISSIONS, READ, WRITE, Policy
+from service.auth.policy import DESTROY, PERMISSIONS, READ, ROTATE, WRITE, Policy
 
 CONTRACT_POLICY = """
 [auth]
@@ -262,8 +262,25 @@ def test_unknown_top_level_sections_are_kept_in_raw_for_later_features() -> None
 
 
 def test_the_permission_names_are_the_contract_scopes() -> None:
-    assert (READ, WRITE, DESTROY) == ("secrets:read", "secrets:write", "secrets:destroy")
-    assert PERMISSIONS == {"read": READ, "write": WRITE, "destroy": DESTROY}
+    assert (READ, WRITE, DESTROY, ROTATE) == (
+        "secrets:read",
+        "secrets:write",
+        "secrets:destroy",
+        "secrets:rotate",
+    )
+    assert PERMISSIONS == {"read": READ, "write": WRITE, "destroy": DESTROY, "rotate": ROTATE}
+
+
+def test_no_role_is_granted_the_services_own_folder_whatever_its_globs() -> None:
+    policy = Policy.from_toml(
+        '[roles.root]\nread = ["**"]\nwrite = ["**"]\nrotate = ["**"]\n'
+        'destroy = [".secrets-service/**"]'
+    )
+    for permission in (READ, WRITE, DESTROY, ROTATE):
+        assert not policy.allows(["root"], None, permission, ".secrets-service/rotation/app/db")
+        assert not policy.allows(["root"], None, permission, ".secrets-service")
+    assert policy.allows(["root"], None, READ, ".secrets-services/app")
+    assert policy.allows(["root"], None, ROTATE, "app/db")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Rotation: rules, generators, the PostgreSQL rotator, the coordinator."""
