@@ -248,7 +248,7 @@ class PostgresServer(ManagedProcess):
         if not _ROLE_NAME.fullmatch(role):
             raise ValueError(f"not a plain role name: {role!r}")
         ident = quote_ident(role)
-        self.sql(
+        script = (
             # The script holds the password: keep it out of the server's log whatever the
             # server's log_statement says.
             "SET log_statement = 'none';\n"
@@ -256,9 +256,13 @@ class PostgresServer(ManagedProcess):
             f"(SELECT FROM pg_roles WHERE rolname = {quote_literal(role)})\n\\gexec\n"
             f"ALTER ROLE {ident} LOGIN {'CREATEROLE' if createrole else 'NOCREATEROLE'} "
             f"PASSWORD {quote_literal(password)} VALID UNTIL 'infinity';\n"
-            f"GRANT CONNECT ON DATABASE {quote_ident(dbname)} TO {ident};\n",
-            dbname=dbname,
+            f"GRANT CONNECT ON DATABASE {quote_ident(dbname)} TO {ident};\n"
         )
+        try:
+            self.sql(script, dbname=dbname)
+        except DevStackError as exc:
+            # psql quotes the failing line back, and that line may be the one with the password.
+            raise DevStackError(str(exc).replace(password, "**redacted**")) from None
 
     def kill(self) -> None:
         """SIGKILL the server and its backends, as a crashed host would; the data stays."""

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import socket
 import ssl
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
+import asyncpg
 import httpx
 import pytest
 import trustme
@@ -24,7 +26,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import State
 
-from devstack import DEV_POLICY_TOML, NatsEndpoint, OpenBaoEndpoint, free_port
+from devstack import DEV_POLICY_TOML, NatsEndpoint, OpenBaoEndpoint, PostgresServer, free_port
 from events.bus import EventBus
 from service.http.app import create_app
 from service.http.protocol import HttpProtocol
@@ -383,3 +385,50 @@ async def serving_as_serve(app: Any, settings: Settings) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+# -- PostgreSQL logins (the rotator's tests) ------------------------------------------------
+
+
+def role_name(prefix: str = "app") -> str:
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+def password() -> str:
+    return f"pw-{secrets.token_urlsafe(18)}"
+
+
+async def login_error(server: PostgresServer, role: str, secret: str) -> str | None:
+    """None when `role` logs in with `secret` over TCP, else the server's reason."""
+    try:
+        conn = await asyncpg.connect(
+            host=server.host,
+            port=server.port,
+            user=role,
+            password=secret,
+            database="postgres",
+            timeout=10,
+            ssl=False,
+        )
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        return str(exc)
+    await conn.close()
+    return None
+
+
+async def logs_in(server: PostgresServer, role: str, secret: str) -> bool:
+    return await login_error(server, role, secret) is None
+
+
+def make_login(server: PostgresServer, **options: Any) -> dict[str, Any]:
+    role, secret = role_name(), password()
+    server.create_login(role, secret, **options)
+    return server.secret(role, secret)
+
+
+def make_pair(server: PostgresServer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An application login and a master (CREATEROLE, ADMIN on the application's role)."""
+    base = make_login(server)
+    master = make_login(server, createrole=True)
+    server.sql(f'GRANT "{base["username"]}" TO "{master["username"]}" WITH ADMIN OPTION')
+    return base, master

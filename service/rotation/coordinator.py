@@ -141,7 +141,6 @@ class _Context:
 class Coordinator:
     """Rotates paths under the rules, through the manager (CAS writes, events) and Vault."""
 
-
     def __init__(
         self,
         manager: SecretsManager,

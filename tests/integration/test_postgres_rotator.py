@@ -8,7 +8,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -16,7 +15,16 @@ import pytest
 from devstack import BinaryNotFound, PostgresServer, free_port
 from service.rotation.postgres import PostgresError, PostgresRotator
 from tests import support
-from tests.support import eventually, skip_unless_required
+from tests.support import (
+    eventually,
+    login_error,
+    logs_in,
+    make_login,
+    make_pair,
+    password,
+    role_name,
+    skip_unless_required,
+)
 
 listening_port = support.listening_port
 
@@ -44,50 +52,6 @@ def fragile(own_server: PostgresServer) -> PostgresServer:
     if own_server.process is None:
         own_server.start()
     return own_server
-
-
-def role_name(prefix: str = "app") -> str:
-    return f"{prefix}_{secrets.token_hex(4)}"
-
-
-def password() -> str:
-    return f"pw-{secrets.token_urlsafe(18)}"
-
-
-async def login_error(server: PostgresServer, role: str, secret: str) -> str | None:
-    """None when `role` logs in with `secret` over TCP, else the server's reason."""
-    try:
-        conn = await asyncpg.connect(
-            host=server.host,
-            port=server.port,
-            user=role,
-            password=secret,
-            database="postgres",
-            timeout=10,
-            ssl=False,
-        )
-    except asyncpg.InvalidAuthorizationSpecificationError as exc:
-        return str(exc)
-    await conn.close()
-    return None
-
-
-async def logs_in(server: PostgresServer, role: str, secret: str) -> bool:
-    return await login_error(server, role, secret) is None
-
-
-def make_login(server: PostgresServer, **options: Any) -> dict[str, Any]:
-    role, secret = role_name(), password()
-    server.create_login(role, secret, **options)
-    return server.secret(role, secret)
-
-
-def make_pair(server: PostgresServer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An application login and a master (CREATEROLE, ADMIN on the application's role)."""
-    base = make_login(server)
-    master = make_login(server, createrole=True)
-    server.sql(f'GRANT "{base["username"]}" TO "{master["username"]}" WITH ADMIN OPTION')
-    return base, master
 
 
 def stored_password(server: PostgresServer, role: str) -> str:

@@ -79,9 +79,7 @@ class Stack:
         self.events: list[ChangeEvent] = []
         svc.app.state.bus.on_received = self.events.append
 
-    async def call(
-        self, method: str, target: str, who: str = "admin", **kw: Any
-    ) -> httpx.Response:
+    async def call(self, method: str, target: str, who: str = "admin", **kw: Any) -> httpx.Response:
         headers = {**bearer(self.tokens[who]), **kw.pop("headers", {})}
         return await self.client.request(method, f"/secrets/{target}", headers=headers, **kw)
 

@@ -299,7 +299,9 @@ async def test_a_database_that_is_down_fails_the_cycle_loudly_and_leaves_the_ver
     state = await world.state("db/single")
     assert (state.state, state.failures, state.last_error) == ("failed", 1, "postgres_unreachable")
     failed = [e for e in world.events.events if isinstance(e, SecretRotationFailed)]
-    assert [(e.error, e.failures, e.state) for e in failed] == [("postgres_unreachable", 1, "failed")]
+    assert [(e.error, e.failures, e.state) for e in failed] == [
+        ("postgres_unreachable", 1, "failed")
+    ]
     assert coordinator.attempt_outcomes["failed"] == 3
     assert coordinator.rotations["failed"] == 1
     assert CANARY not in caplog.text and CANARY not in str(caught.value)

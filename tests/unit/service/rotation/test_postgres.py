@@ -41,7 +41,8 @@ def test_a_role_whose_clone_would_pass_63_characters_cannot_alternate() -> None:
     with pytest.raises(PostgresError) as caught:
         twin("a" * 58)
     assert caught.value.code == "bad_secret"
-    assert "63" in str(caught.value)
+    assert "63" in str(caught.value) and "'username'" in str(caught.value)
+    assert "a" * 58 not in str(caught.value)
 
 
 def test_quote_ident_quotes_and_doubles_embedded_quotes() -> None:
@@ -168,6 +169,25 @@ async def test_apply_alternating_checks_the_master_secret_and_never_shows_its_pa
     assert caught.value.code == "bad_secret"
     assert "master secret" in str(caught.value)
     assert CANARY not in str(caught.value)
+
+
+async def test_undo_alternating_never_takes_the_password_of_the_live_role() -> None:
+    # Pending fields naming the base role itself would have undo set its PASSWORD NULL.
+    with pytest.raises(PostgresError) as caught:
+        await PostgresRotator().undo(None, SECRET, {"username": "app", "password": "x"}, MASTER)
+    assert caught.value.code == "bad_secret"
+
+
+async def test_undo_single_user_refuses_pending_fields_that_change_the_role() -> None:
+    with pytest.raises(PostgresError) as caught:
+        await PostgresRotator().undo(None, SECRET, {"username": "other", "password": "x"}, None)
+    assert caught.value.code == "bad_secret"
+
+
+async def test_finish_refuses_pending_fields_that_do_not_name_the_twin() -> None:
+    with pytest.raises(PostgresError) as caught:
+        await PostgresRotator().finish(SECRET, {"username": "app"}, MASTER, 1.0)
+    assert caught.value.code == "bad_secret"
 
 
 async def test_finish_without_a_master_is_a_no_op() -> None:
