@@ -16,7 +16,9 @@ protocol. The 70% goal is reckoned against the former, the stricter of the two. 
 - in-process `SecretsManager.get`, cache hit and miss;
 - propagation: a write's acknowledgement on instance A to the eviction and to the listener call
   on instance B (another process, on another NATS node);
-- memory: RSS growth per cached ~200-byte secret.
+- memory: RSS growth per cached ~200-byte secret;
+- rotation: `POST :rotate` for the password and postgres generators beside a PATCH of the same
+  path, with a PostgreSQL of its own (bench/rotation_bench.py, which runs alone too).
 
 Results go to bench/results/latest.json and latest.md. The exit code is 1 when the service is
 not ahead of OpenBao on cached reads (and 2 when the run itself failed).
@@ -69,6 +71,11 @@ from events.bus import EventBus  # noqa: E402
 from schemas.secret import Secret, SecretData  # noqa: E402
 from service.core.manager import SecretsManager  # noqa: E402
 from service.vault.backend import HvacBackend  # noqa: E402
+
+# bench/rotation_bench.py imports this module as `run`: run as a script, let it find this copy
+# rather than load a second one (with a BenchError of its own).
+sys.modules.setdefault("run", sys.modules[__name__])
+import rotation_bench  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -755,6 +762,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     p = result["propagation"]
     h = result["inprocess_get"]
     m = result["memory"]
+    rotation = result.get("rotation")  # none in results from before rotation was measured
 
     def row(label: str, x: Mapping[str, float]) -> str:
         return f"| {label} | {x['p50_ms']:.2f} ms | {x['p99_ms']:.2f} ms | {x['max_ms']:.2f} ms |"
@@ -766,6 +774,7 @@ def markdown(result: Mapping[str, Any]) -> str:
             w["openbao_cas_write"]),
         row("service PATCH: validation, CAS write, event, audit (same client, interleaved)",
             w["service_patch"]),
+        *(rotation_bench.markdown_rows(rotation) if rotation else []),
         row(f"write ack on A → eviction on B ({p['ack_to_eviction']['count']} writes, "
             "3-node NATS)", p["ack_to_eviction"]),
         row("write ack on A → listener call on B (includes B's Vault read)",
@@ -780,6 +789,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f" (tracemalloc: {m['tracemalloc_bytes_per_entry']:.0f} bytes); "
         f"{m['rss_bytes_per_entry'] * 10_000 / 1e6:.1f} MB per 10,000 entries.",
         "",
+        *([rotation_bench.markdown_note(rotation), ""] if rotation else []),
         "| goal | target | measured | |",
         "|---|---:|---:|---|",
     ]  # fmt: skip
@@ -848,6 +858,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for child in children:
                 child.stop()
             server = _server_line(workdir / "cached.err")
+            print("rotation ...", file=sys.stderr)
+            rotation = rotation_bench.bench_rotation(
+                s, workdir, password_calls=args.rotations, postgres_calls=args.pg_rotations
+            )
             parts = uvloop.run(_async_parts(s, args))
         print("memory ...", file=sys.stderr)
         memory = bench_memory(args.entries)
@@ -885,6 +899,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_writes": writes,
         **parts,
         "memory": memory,
+        "rotation": rotation,
     }
     result["goals"] = goals(result)
     return result
@@ -925,6 +940,8 @@ def main() -> int:
     parser.add_argument("--hit-calls", type=int, default=200_000)
     parser.add_argument("--miss-calls", type=int, default=1000)
     parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--rotations", type=int, default=200, help=":rotate calls, password")
+    parser.add_argument("--pg-rotations", type=int, default=100, help=":rotate calls, postgres")
     parser.add_argument("--out", default=str(RESULTS / "latest"), help="path without extension")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()

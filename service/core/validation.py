@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_SENSITIVE_FIELDS",
     "MAX_DEPTH",
+    "FIELD_NAME",
     "MAX_SAFE_INTEGER",
     "RULES",
     "TYPES",
@@ -88,6 +89,7 @@ __all__ = [
     "Validator",
     "common_passwords",
     "estimate_entropy",
+    "only_keys",
     "validate_data",
 ]
 
@@ -112,7 +114,8 @@ TYPES: Mapping[str, tuple[type, ...]] = {
     "array": (list,),
 }
 
-_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+"""What a key of secret data (and a field named in the policy) must match."""
 _encode = msgspec.json.Encoder().encode
 _SCALARS = (str, int, float, bool, type(None))
 _DATA_FILE = "common-passwords.txt"
@@ -173,7 +176,7 @@ class Validator:
         section = raw.get("validation", {})
         if not isinstance(section, dict):
             raise ConfigError(source, "[validation] must be a table")
-        _only(source, "validation", section, {"sensitive_fields", "defaults", "rules"})
+        only_keys(source, "validation", section, {"sensitive_fields", "defaults", "rules"})
         sensitive = section.get("sensitive_fields", DEFAULT_SENSITIVE_FIELDS)
         if not isinstance(sensitive, str) or not sensitive:
             raise ConfigError(source, "validation.sensitive_fields: must be a non-empty string")
@@ -186,7 +189,7 @@ class Validator:
         defaults_table = section.get("defaults", {})
         if not isinstance(defaults_table, dict):
             raise ConfigError(source, "validation.defaults: must be a table")
-        _only(source, "validation.defaults", defaults_table, _LIMIT_KEYS)
+        only_keys(source, "validation.defaults", defaults_table, _LIMIT_KEYS)
         defaults = _rule(source, "validation.defaults", defaults_table, Rule())
         rules_list = section.get("rules", [])
         if not isinstance(rules_list, list):
@@ -196,7 +199,9 @@ class Validator:
             where = f"validation.rules[{index}]"
             if not isinstance(table, dict):
                 raise ConfigError(source, f"{where}: must be a table, like [[validation.rules]]")
-            _only(source, where, table, _LIMIT_KEYS | {"paths", "required", "allowed", "fields"})
+            only_keys(
+                source, where, table, _LIMIT_KEYS | {"paths", "required", "allowed", "fields"}
+            )
             rules.append(_rule(source, where, table, defaults))
         return cls(rules, defaults=defaults, sensitive_fields=sensitive)
 
@@ -270,7 +275,7 @@ def _check(rule: Rule, data: Mapping[str, Any], sensitive: re.Pattern[str]) -> l
     for key, value in data.items():
         if not isinstance(key, str):
             raise InvalidRequest("data must be an object with string keys")
-        if _KEY.fullmatch(key) is None:
+        if FIELD_NAME.fullmatch(key) is None:
             violations.append(Violation("<key>", "key_format"))
             field = "<key>"
         else:
@@ -358,7 +363,8 @@ _LIMIT_KEYS = frozenset(
 _FIELD_KEYS = frozenset(f.name for f in dataclasses.fields(FieldSpec))
 
 
-def _only(source: str, where: str, table: Mapping[str, Any], keys: Iterable[str]) -> None:
+def only_keys(source: str, where: str, table: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """ConfigError naming the first key of the policy table `table` not among `keys`."""
     allowed = sorted(keys)
     for key in table:
         if key not in allowed:
@@ -410,11 +416,11 @@ def _rule(source: str, where: str, table: Mapping[str, Any], base: Rule) -> Rule
 
 
 def _field(source: str, where: str, name: str, spec: Any) -> FieldSpec:
-    if _KEY.fullmatch(name) is None:
+    if FIELD_NAME.fullmatch(name) is None:
         raise ConfigError(source, f"{where}: a field name must match [A-Za-z0-9_.-]{{1,128}}")
     if not isinstance(spec, dict):
         raise ConfigError(source, f"{where}: must be a table")
-    _only(source, where, spec, _FIELD_KEYS)
+    only_keys(source, where, spec, _FIELD_KEYS)
     kind = spec.get("type")
     if kind is not None and kind not in TYPES:
         raise ConfigError(source, f"{where}.type: must be one of {', '.join(TYPES)}")
@@ -436,7 +442,7 @@ def _keys(source: str, where: str, table: Mapping[str, Any], key: str) -> list[s
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(source, f"{where}.{key}: must be a list of field names")
     for name in value:
-        if _KEY.fullmatch(name) is None:
+        if FIELD_NAME.fullmatch(name) is None:
             raise ConfigError(
                 source, f"{where}.{key}: field names must match [A-Za-z0-9_.-]{{1,128}}"
             )

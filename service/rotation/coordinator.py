@@ -51,7 +51,15 @@ from service.rotation.schedule import next_due
 from service.rotation.state import RotationState, Run, StateConflict, StateStore
 from service.timestamps import utc_now
 
-__all__ = ["ROTATION_ERRORS", "Coordinator", "Logins", "Rotated", "error_code"]
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "ROTATION_ERRORS",
+    "ROTATION_OUTCOMES",
+    "Coordinator",
+    "Logins",
+    "Rotated",
+    "error_code",
+]
 
 log = logging.getLogger("secrets.rotation")
 
@@ -68,6 +76,11 @@ ROTATION_ERRORS = (
     "internal",
 )
 """Every `last_error` and `secret.rotation_failed` `error`: a code, never a value."""
+
+ROTATION_OUTCOMES = ("ok", "failed", "stalled", "conflict")
+"""`secrets_rotations_total{outcome}`: cycles that rotated, failed, failed into `stalled`, or
+lost to a write and planned again."""
+ATTEMPT_OUTCOMES = ("ok", "failed")
 
 MAX_REPLANS = 3
 
@@ -174,8 +187,8 @@ class Coordinator:
         self.sleep = sleep
         self._busy: set[str] = set()  # paths this instance is rotating now
         # Plain numbers, read by the metrics collector at scrape time.
-        self.rotations: dict[str, int] = dict.fromkeys(("ok", "failed", "stalled", "conflict"), 0)
-        self.attempt_outcomes: dict[str, int] = dict.fromkeys(("ok", "failed"), 0)
+        self.rotations: dict[str, int] = dict.fromkeys(ROTATION_OUTCOMES, 0)
+        self.attempt_outcomes: dict[str, int] = dict.fromkeys(ATTEMPT_OUTCOMES, 0)
         self.last_success = 0.0
 
     def after_step(self, path: str, step: str) -> None:

@@ -28,10 +28,7 @@ from schemas.errors import ConfigError
 from schemas.globs import PathGlob
 from schemas.paths import is_reserved, is_valid_path
 from service.auth.policy import POLICY_SETTING
-
-# [validation]'s rule for a key and its unknown-key message: one definition of each.
-from service.core.validation import _KEY as _FIELD_NAME
-from service.core.validation import Validator, _only
+from service.core.validation import FIELD_NAME, Validator, only_keys
 from service.rotation.durations import parse_duration
 from service.rotation.generators import GENERATORS, infeasible
 
@@ -109,7 +106,7 @@ class RotationRules:
         section = raw.get("rotation", {})
         if not isinstance(section, dict):
             raise ConfigError(source, "[rotation] must be a table")
-        _only(source, "rotation", section, {"rules"})
+        only_keys(source, "rotation", section, {"rules"})
         tables = section.get("rules", [])
         if not isinstance(tables, list):
             raise ConfigError(source, "rotation.rules: must be an array of tables")
@@ -140,7 +137,7 @@ class RotationRules:
 
 
 def _rule(source: str, where: str, table: Mapping[str, Any]) -> RotationRule:
-    _only(source, where, table, _KEYS)
+    only_keys(source, where, table, _KEYS)
     paths = _paths(source, where, table)
     if "every" in table and "cron" in table:
         raise ConfigError(source, f"{where}.cron: set every or cron, not both")
@@ -263,7 +260,7 @@ def _fields(source: str, where: str, table: Mapping[str, Any], generator: str) -
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(source, f"{where}.fields: must be a non-empty list of field names")
     for name in names:
-        if _FIELD_NAME.fullmatch(name) is None:
+        if FIELD_NAME.fullmatch(name) is None:
             raise ConfigError(
                 source, f"{where}.fields: field names must match [A-Za-z0-9_.-]{{1,128}}"
             )

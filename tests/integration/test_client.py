@@ -176,7 +176,7 @@ async def test_undecodable_and_unknown_event_types_do_not_stop_iteration(stream:
     await stream.publish_raw("app/x", b'{"type": "secret.updated", "path": "\xff"}')  # bad UTF-8
     deleted = await stream.publish_raw(
         "app/y",
-        b'{"type": "secret.rotated", "path": "app/y", "version": 3, "event_id": "e1",'
+        b'{"type": "secret.expired", "path": "app/y", "version": 3, "event_id": "e1",'
         b' "actor": "a", "instance_id": "i", "time": "t", "reason": "a field added later"}',
     )
     created = SecretCreated(
@@ -192,7 +192,7 @@ async def test_undecodable_and_unknown_event_types_do_not_stop_iteration(stream:
     unknown, known = got
     assert isinstance(unknown.event, UnknownChange) and not unknown.known
     assert (unknown.type, unknown.path, unknown.version, unknown.sequence) == (
-        "secret.rotated",
+        "secret.expired",
         "app/y",
         3,
         deleted,

@@ -25,6 +25,7 @@ from service.audit.log import DROP_REASONS
 from service.auth.principal import REASONS
 from service.core.validation import RULES
 from service.obs.metrics import VAULT_ERRORS, VAULT_OPS
+from service.rotation.coordinator import ATTEMPT_OUTCOMES, ROTATION_OUTCOMES
 from tests.fakes import FakeVault
 from tests.support import (
     LogCapture,
@@ -226,6 +227,10 @@ async def test_every_label_value_comes_from_a_closed_set(svc: Svc) -> None:
         "secrets_audit_dropped": frozenset(DROP_REASONS),
         "secrets_events_dropped": frozenset(EVENT_DROP_REASONS),
     }
+    own_outcomes = {  # families whose `outcome` is their own, not a request's
+        "secrets_rotations": frozenset(ROTATION_OUTCOMES),
+        "secrets_rotation_attempts": frozenset(ATTEMPT_OUTCOMES),
+    }
     seen = 0
     for family in text_string_to_metric_families(await svc.metrics()):
         if not family.name.startswith("secrets_"):
@@ -238,6 +243,8 @@ async def test_every_label_value_comes_from_a_closed_set(svc: Svc) -> None:
                 if label == "op":
                     allowed = VAULT_OPS if "vault" in family.name else OPS
                     assert value in allowed, (family.name, value)
+                elif family.name in own_outcomes:
+                    assert label == "outcome" and value in own_outcomes[family.name], value
                 elif family.name in dropped:
                     assert label == "reason" and value in dropped[family.name], value
                 else:

@@ -313,8 +313,10 @@ async def test_openbao_frozen_under_load_gives_503_in_time_and_no_pool_runs_dry(
     # queued behind a stuck one would have met its deadline, a 503).
     assert all(o.status in (200, 404) for o in thawed), [o for o in thawed if o.status >= 500]
     assert max(o.seconds for o in thawed) < VAULT_DEADLINE
-    # The pool bounds what waits on a hanging Vault: no thread or connection per request.
-    assert vault_connections <= concurrency
+    # The pools bound what waits on a hanging Vault: no thread or connection per request. Reads
+    # and writes use the event loop's pool, LIST calls (listings, the rotation scheduler's scan)
+    # hvac's: each holds at most `concurrency` connections.
+    assert vault_connections <= 2 * concurrency
     assert threads_during <= threads_before + concurrency
     record_figures(
         "openbao_frozen",
