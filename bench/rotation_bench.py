@@ -8,15 +8,28 @@ connection times N rotations interleaved with N PATCH writes of the same path (e
 data the rotation left, read back untimed), so the ratio rotate/write is measured side by side
 on this shared machine. Then, with nothing else running, a few rotations alone give the Vault
 calls (the service's own `secrets_vault_request_seconds_count`) and CPU time per rotation, and
-the parts of a postgres rotation are timed in process (SCRAM verifier, SCRAM login).
+the parts of a postgres rotation are timed in process (SCRAM verifier, login, ALTER ROLE).
 
     .venv/bin/python bench/rotation_bench.py            # writes bench/results/rotation.json
     .venv/bin/python bench/rotation_bench.py --quick    # a smoke test: prints, writes nothing
     .venv/bin/python bench/rotation_bench.py --py-spy /tmp/pg.txt   # profile the postgres ones
 """
 
-# Where a postgres rotation's time goes (py-spy on the service, CPU accounts of every process):
-# PROFILE_FINDING
+# Where the time goes (bench/results/rotation.json; py-spy --gil on the service over 100 postgres
+# rotations; `perf record` on a PostgreSQL backend running ALTER ROLE):
+# - password, ~18 ms: 11 Vault calls one after another (5 CAS writes: the claim, `generated`, the
+#   version, `written`, idle; 2 reads, 3 metadata, 1 destroy of the state's history) take ~16 ms
+#   of it; the service spends ~7.5 ms of CPU. A PATCH is 1 Vault call (~2 ms): fewer state
+#   writes, not CPU, is what would make a rotation cheaper.
+# - postgres single-user, ~42 ms: 12 Vault calls (one more state write, `applied`) ~19 ms; two
+#   SCRAM logins (as the role with its old password, then proving the new one) ~6.3 ms each: a
+#   fresh backend, and the client's PBKDF2 (4096 iterations, ~1.7 ms like the service's own
+#   verifier); ALTER ROLE ~6.6 ms, nearly all CPU in PostgreSQL: given a verifier, it still checks
+#   that it is not the empty password's (user.c: plain_crypt_verify(role, secret, "")), a PBKDF2
+#   of 4096 iterations on its own SHA-256 (SHA256_Transform: 86% of the backend's samples; the
+#   pgserver build links no OpenSSL). In the service's Python, the Vault client (aiohttp writes)
+#   is half the samples, asyncpg's connects 15%, the event bus 11%; PBKDF2 in hashlib lets the GIL
+#   go, so it is not among them.
 
 from __future__ import annotations
 
@@ -218,7 +231,8 @@ def write_calls(client: Client, path: str, calls: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def profiled(pid: int, out: Path | None) -> Iterator[None]:
-    """py-spy sampling `pid` meanwhile, collapsed stacks to `out` (nothing if `out` is None)."""
+    """py-spy sampling `pid` meanwhile, collapsed stacks to `out` (nothing if `out` is None);
+    only samples holding the GIL: the service's Python CPU, not its waits."""
     if out is None:
         yield
         return
@@ -368,16 +382,16 @@ def main() -> int:
 
 def markdown_rows(rotation: Mapping[str, Any]) -> list[str]:
     """bench/run.py's table rows (`| measure | p50 | p99 | max |`) for the rotation figures."""
-    rows = []
     labels = {
-        "password": "service `:rotate`, password generator (interleaved with PATCH)",
-        "postgres": "service `:rotate`, postgres single-user: ALTER ROLE, login proven",
+        "password": "service `:rotate`, password generator ({n}, in turn with PATCH)",
+        "postgres": "service `:rotate`, postgres single-user ({n}): ALTER ROLE, login proven",
     }
+    rows = []
     for generator in GENERATORS:
         r = rotation[generator]["rotate"]
         rows.append(
-            f"| {labels[generator]} ({r['count']}) | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms "
-            f"| {r['max_ms']:.2f} ms |"
+            f"| {labels[generator].format(n=r['count'])} | {r['p50_ms']:.2f} ms | "
+            f"{r['p99_ms']:.2f} ms | {r['max_ms']:.2f} ms |"
         )
     return rows
 
@@ -386,15 +400,21 @@ def markdown_note(rotation: Mapping[str, Any]) -> str:
     """bench/run.py's sentence on the rotate/write ratio and the Vault calls per rotation."""
     pw, pg = rotation["password"], rotation["postgres"]
 
+    def versus(part: Mapping[str, Any]) -> str:
+        return (
+            f"{part['rotate']['p50_ms']:.2f} ms against {part['write']['p50_ms']:.2f} ms for the "
+            f"PATCH ({part['rotate_over_write_p50']:.1f}×)"
+        )
+
     def calls(part: Mapping[str, Any]) -> str:
         return f"{part['alone']['vault_calls_per_rotation']['total']:g}"
 
     return (
-        f"Rotation: a `:rotate` p50 is {pw['rotate_over_write_p50']:.1f}× a PATCH of the same path "
-        f"with the password generator ({pw['write']['p50_ms']:.2f} ms), "
-        f"{pg['rotate_over_write_p50']:.1f}× with postgres ({pg['write']['p50_ms']:.2f} ms), "
-        f"measured interleaved; one rotation makes {calls(pw)} Vault calls (postgres "
-        f"{calls(pg)}), a PATCH {rotation['patch_alone']['calls']['total']:g}."
+        "Rotation (one client; `:rotate` and a PATCH of the same path in turn): p50 "
+        f"{versus(pw)} with the password generator, {versus(pg)} with postgres. A rotation "
+        f"makes {calls(pw)} Vault calls one after another, {calls(pg)} with postgres (a PATCH "
+        f"{rotation['patch_alone']['calls']['total']:g}); bench/rotation_bench.py says where the "
+        "time goes."
     )
 
 

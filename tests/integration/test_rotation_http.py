@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
@@ -68,6 +69,7 @@ paths = ["app/*/db"]
 generator = "password"
 """
 CANARY = "Canary-Old-Value-7f3e9a1c-bb42-not-shown"
+GENERATED: list[str] = []  # values rotations made, searched for where no value may be
 
 
 class Stack:
@@ -118,7 +120,10 @@ async def stack(
                 yield s
             finally:
                 await s.client.aclose()
-    assert CANARY not in logs.text
+    audit = audit_file.read_text()
+    assert GENERATED, "the tests recorded no generated value to search for"
+    for value in (CANARY, *GENERATED):
+        assert value not in logs.text and value not in audit
 
 
 def fresh(kind: str = "plain") -> str:
@@ -136,6 +141,7 @@ async def test_rotate_writes_a_new_version_carrying_the_other_fields(stack: Stac
     assert secret["version"] == 2
     assert secret["data"]["user"] == "svc" and secret["data"]["port"] == 5432
     assert secret["data"]["password"] != CANARY and len(secret["data"]["password"]) == 32
+    GENERATED.append(secret["data"]["password"])
 
 
 async def test_a_listener_hears_secret_rotated_with_both_versions(stack: Stack) -> None:
@@ -149,6 +155,9 @@ async def test_a_listener_hears_secret_rotated_with_both_versions(stack: Stack) 
     await eventually(lambda: len(rotated()) == 1)
     event = rotated()[0]
     assert (event.version, event.previous_version) == (2, 1)
+    new = (await stack.call("GET", path)).json()["data"]["password"]
+    GENERATED.append(new)
+    assert new not in msgspec.json.encode(event).decode()
     assert not any(e.path == path and e.version == 2 and e is not event for e in stack.events)
 
 

@@ -30,6 +30,11 @@ write = ["app/**"]
 read = ["**"]
 write = ["**"]
 destroy = ["**"]
+rotate = ["**"]
+
+[[rotation.rules]]
+paths = ["app/*/db"]
+generator = "password"
 """
 CANARY = "canary-0c7e55-never-printed"
 SCRIPT = Path(sys.executable).parent / "secretsctl"
@@ -219,6 +224,26 @@ async def test_versions_delete_undelete_destroy_and_rollback(ctl: Ctl) -> None:
     rolled = await ctl("rollback", path, "--to", "2", "--version", "3")
     assert rolled.json == {"path": path, "version": 4}
     assert (await ctl("get", path, who="reader")).json["data"] == {"k": "v2"}
+
+
+async def test_rotate_and_rotation_show_the_versions_and_the_state(ctl: Ctl) -> None:
+    path = fresh()
+    put = await ctl("put", path, "--version", "0", stdin=json.dumps({"password": CANARY}))
+    assert put.code == 0, put
+    assert (await ctl("rotate", path)).code == 5  # writer: no rotate grant
+    stale = await ctl("rotate", path, "--version", "7", who="admin")
+    assert stale.code == 4 and stale.error["current_version"] == 1
+    rotated = await ctl("rotate", path, who="admin")
+    assert rotated.json == {"path": path, "version": 2, "previous_version": 1}
+    assert CANARY not in rotated.stdout + rotated.stderr
+    again = await ctl("rotate", path, "--version", "2", who="admin")
+    assert again.json["version"] == 3
+    state = await ctl("rotation", path, who="reader")
+    assert state.code == 0
+    assert state.json["state"] == "idle" and state.json["failures"] == 0
+    assert state.json["next_rotation"] is None  # on request only
+    no_rule = await ctl("rotation", "app/other", who="reader")
+    assert no_rule.code == 7 and no_rule.error["error"] == "no_rotation_rule"
 
 
 async def test_list_shows_folders_with_a_trailing_slash_and_the_top(ctl: Ctl) -> None:

@@ -47,6 +47,20 @@ def test_goals_and_markdown_from_the_committed_results() -> None:
     assert "Req/s per round" in table and "bare_stock_uvicorn" in table
 
 
+def test_the_report_shows_the_cost_of_a_rotation_when_the_results_have_it() -> None:
+    result = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+    rotation = json.loads((ROOT / "bench" / "results" / "rotation.json").read_text())
+    table = bench.markdown({**result, "rotation": rotation})
+    pg = rotation["postgres"]["rotate"]
+    assert (
+        f"| service `:rotate`, postgres single-user ({pg['count']}): ALTER ROLE, login proven "
+        f"| {pg['p50_ms']:.2f} ms | {pg['p99_ms']:.2f} ms |"
+    ) in table
+    ratio = rotation["postgres"]["rotate_over_write_p50"]
+    assert f"for the PATCH ({ratio:.1f}×) with postgres" in table
+    assert "`:rotate`" not in bench.markdown({k: v for k, v in result.items() if k != "rotation"})
+
+
 def test_the_readme_quotes_the_committed_bench_results_verbatim() -> None:
     # The docs quote results; they never retype them (bench/run.py writes the block).
     readme = (ROOT / "README.md").read_text()
