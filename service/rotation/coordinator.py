@@ -249,6 +249,13 @@ class Coordinator:
                     return None
                 try:
                     return await self._attempts(context, trigger, request_id)
+                except _Lost:
+                    # Another instance took the run over (this one was slower than its lease):
+                    # it finishes the run with the same values.
+                    log.warning("rotation run taken over", extra={"path": path})
+                    if trigger == "request":
+                        raise RotationInProgress(path=path) from None
+                    return None
                 except _Replan:
                     self.rotations["conflict"] += 1
                     version = None  # the caller's version was the base: it is stale now
@@ -436,6 +443,7 @@ class Coordinator:
         ctx.state.run = None
         ctx.state.state = "idle" if ctx.state.failures == 0 else ctx.state.state
         await self._save(ctx)
+        await self._forget(ctx)
         log.info("rotation lost to a write; re-planning", extra={"path": path, "run_id": run.id})
         raise _Replan()
 
@@ -465,13 +473,18 @@ class Coordinator:
         ctx.state = RotationState(
             last_rotated=utc_now(), last_version=run.written_version, state="idle"
         )
-        doc_version = await self.store.save(path, ctx.state, ctx.doc_version)
-        ctx.doc_version = doc_version
-        try:
-            await self.store.forget_history(path, keep=doc_version)
-        except SecretsError as exc:  # the values stay in Vault only, until the next run
-            log.warning("rotation history not destroyed", extra={"path": path, "error": exc.code})
+        ctx.doc_version = await self.store.save(path, ctx.state, ctx.doc_version)
+        await self._forget(ctx)
         return Rotated(path=path, version=run.written_version, previous_version=run.base_version)
+
+    async def _forget(self, ctx: _Context) -> None:
+        """Destroy the state document's older versions: some held the run's generated values."""
+        try:
+            await self.store.forget_history(ctx.path, keep=ctx.doc_version)
+        except SecretsError as exc:  # they stay in Vault only, until the next run ends
+            log.warning(
+                "rotation history not destroyed", extra={"path": ctx.path, "error": exc.code}
+            )
 
     async def _master(self, rule: RotationRule) -> Mapping[str, Any] | None:
         if rule.master is None:
@@ -521,9 +534,16 @@ class Coordinator:
         backoff = min(self.retry_max, self.retry_base * 2 ** (state.failures - 1))
         state.retry_after = self.clock() + backoff
         try:
-            await self.store.save(path, state, doc_version)
+            saved = await self.store.save(path, state, doc_version)
         except (StateConflict, SecretsError) as exc:
-            log.warning("rotation failure not recorded", extra={"path": path, "error": repr(exc)})
+            log.warning(
+                "rotation failure not recorded",
+                extra={"path": path, "error_type": type(exc).__name__},
+            )
+        else:
+            if ctx is not None and state.run is None:
+                ctx.doc_version = saved
+                await self._forget(ctx)
         self.rotations[state.state] += 1
         log.error(
             "rotation failed",

@@ -40,7 +40,9 @@ def next_due(rule: RotationRule, meta: SecretMetadata, state: RotationState) -> 
     if not rule.scheduled or state.state == "stalled":
         return None
     current = meta.version(meta.current_version)
-    baseline = datetime.fromisoformat(current.created_time if current else meta.updated_time)
+    if current is None or not current.readable:
+        return None  # a deleted or destroyed credential is in use nowhere: nothing to rotate
+    baseline = datetime.fromisoformat(current.created_time)
     due = rule.next_after(baseline)
     if due is not None and state.state == "failed" and state.retry_after is not None:
         retry = datetime.fromtimestamp(state.retry_after, due.tzinfo)
@@ -79,8 +81,8 @@ class Scheduler:
             if now >= self._next_scan:
                 try:
                     await self.scan()
-                except SecretsError as exc:
-                    log.warning("rotation scan failed", extra={"error": exc.code})
+                except Exception as exc:  # the loop must outlive any one failure
+                    log.warning("rotation scan failed", extra={"error_type": type(exc).__name__})
                 self._next_scan = self.clock() + self.scan_interval
             for path in [p for p, at in self._due.items() if at <= self.clock()]:
                 await self._attempt(path)
@@ -131,9 +133,16 @@ class Scheduler:
         except SecretsError as exc:
             # Counted, audited and announced by the coordinator; busy paths are someone else's.
             log.debug("scheduled rotation not done", extra={"path": path, "error": exc.code})
+        except Exception as exc:  # a defect: logged, tried again a scan later, never in a spin
+            log.error(
+                "scheduled rotation crashed",
+                extra={"path": path, "error_type": type(exc).__name__},
+            )
+            self._due[path] = self.clock() + self.scan_interval
+            return
         try:
             at, _ = await self._due_time(path)
-        except SecretsError:
+        except Exception:
             at = self.clock() + self.scan_interval
         if at is None:
             self._due.pop(path, None)

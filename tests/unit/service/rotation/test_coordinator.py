@@ -357,3 +357,23 @@ async def test_the_status_shows_the_next_rotation_from_the_current_versions_time
     assert status.next_rotation is not None
     expected = datetime.fromisoformat(created) + timedelta(seconds=10)
     assert datetime.fromisoformat(status.next_rotation) == expected
+
+
+async def test_an_instance_whose_run_was_taken_over_stops_and_says_so(world: World) -> None:
+    world.vault.seed("app/api", {"password": "Old-password-1234567"})
+
+    class Slow(Coordinator):
+        def after_step(self, path: str, step: str) -> None:
+            if step == "generated":  # its lease ran out meanwhile; another instance took over
+                doc = f".secrets-service/rotation/{path}"
+                world.vault.seed(doc, {"state": "running"})
+
+    manager = SecretsManager(world.vault, instance_id="slow", validator=world.validator)
+    world.managers.append(manager)
+    slow = Slow(manager, world.rules, clock=world.clock, sleep=_no_sleep)
+    with pytest.raises(RotationInProgress):
+        await slow.rotate("app/api", actor="alice")
+    # Its CAS write of the recorded values (what the taker writes too) may land, once; the
+    # record of it cannot: the run is the taker's to finish.
+    assert world.vault.current("app/api") <= 2
+    assert (await world.state("app/api")).state == "running"
