@@ -152,6 +152,8 @@ def _print_banner(
         f"-H 'Content-Type: application/json' "
         f"-d '{_EXAMPLE_BODY}' {url}/secrets/app/db",
         f'  curl -s -H "Authorization: Bearer $READER_TOKEN" {url}/secrets/other/x   # 403',
+        f'  curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" '
+        f"{url}/secrets/app/db:rotate   # a new password, the username kept",
         "",
         "Fresh tokens when these expire:",
     ]

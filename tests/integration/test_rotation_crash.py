@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint, PostgresServer, ServiceProcess
+from schemas.events import ChangeEvent, SecretRotationFailed
 from schemas.paths import RESERVED_FOLDER
 from tests.support import (
     RunningService,
@@ -27,6 +28,7 @@ from tests.support import (
     logs_in,
     make_login,
     make_pair,
+    metric_value,
     running_service,
     service_environ,
     service_settings,
@@ -65,6 +67,8 @@ class Survivor:
         self.token = token
         self.openbao = openbao
         self.client = httpx.AsyncClient(base_url=svc.url, timeout=30)
+        self.events: list[ChangeEvent] = []
+        svc.state.bus.on_received = self.events.append
 
     async def call(self, method: str, target: str, **kw: Any) -> httpx.Response:
         return await self.client.request(
@@ -216,10 +220,75 @@ async def test_a_database_that_is_down_fails_loudly_and_the_old_login_stands(
             1,
             "postgres_unreachable",
         )
+        for _ in range(2):  # two more failed cycles: the schedule gives up on the path
+            assert (await survivor.call("POST", f"{path}:rotate")).status_code == 502
+        state = await survivor.rotation(path)
+        assert (state["state"], state["failures"], state["next_rotation"]) == ("stalled", 3, None)
+        failed = [
+            e for e in survivor.events if isinstance(e, SecretRotationFailed) and e.path == path
+        ]
+        assert [(e.failures, e.state) for e in failed] == [
+            (1, "failed"),
+            (2, "failed"),
+            (3, "stalled"),
+        ]
+        assert all(e.error == "postgres_unreachable" for e in failed)
+
+        async def stalled_metric() -> bool:
+            text = (await survivor.client.get("/metrics")).text
+            return metric_value(text, "secrets_rotations_stalled") >= 1
+
+        await eventually(stalled_metric, timeout=10, interval=0.1)
         own.start()
-        assert await logs_in(own, login["username"], login["password"])
+        assert await logs_in(own, login["username"], login["password"])  # intact all along
         assert (await survivor.call("GET", path)).json()["version"] == 1
         assert (await survivor.call("POST", f"{path}:rotate")).status_code == 200
-        assert (await survivor.rotation(path))["state"] == "idle"
+        state = await survivor.rotation(path)
+        assert (state["state"], state["failures"], state["last_error"]) == ("idle", 0, None)
     finally:
         own.stop()
+
+
+async def test_a_human_write_racing_a_rotation_wins_and_the_rotation_replans(
+    openbao: OpenBaoEndpoint, postgres: PostgresServer, survivor: Survivor
+) -> None:
+    login = make_login(postgres)
+    path = f"crash/{uuid.uuid4().hex[:8]}"
+    vault_write(openbao, path, login)
+    human = {**login, "note": "written by hand"}
+    coordinator = survivor.svc.state.rotation
+    seen: dict[str, str] = {}
+
+    def write_by_hand(racing: str, step: str) -> None:
+        if racing == path and step == "applied" and not seen:
+            # Between PostgreSQL taking the new password and the version's CAS write.
+            state = coordinator_state(openbao, path)
+            seen["pending"] = state["run"]["pending"]["password"]
+            vault_write(openbao, path, human)
+
+    coordinator.after_step = write_by_hand
+    try:
+        response = await survivor.call("POST", f"{path}:rotate")
+    finally:
+        del coordinator.after_step
+    assert response.status_code == 200, response.text
+    assert response.json() == {"path": path, "version": 3, "previous_version": 2}
+    latest = (await survivor.call("GET", path)).json()["data"]
+    assert latest["note"] == "written by hand"  # the human's write is the base it re-planned on
+    assert await logs_in(postgres, login["username"], latest["password"])
+    for stale in (login["password"], seen["pending"]):  # undone, then replaced
+        assert not await logs_in(postgres, login["username"], stale)
+    text = (await survivor.client.get("/metrics")).text
+    assert metric_value(text, "secrets_rotations_total", outcome="conflict") >= 1
+
+
+def coordinator_state(openbao: OpenBaoEndpoint, path: str) -> dict[str, Any]:
+    """The rotation state document of `path`, read straight from OpenBao."""
+    response = httpx.get(
+        f"{openbao.addr}/v1/secret/data/{RESERVED_FOLDER}/rotation/{path}",
+        headers={"X-Vault-Token": openbao.root_token},
+        timeout=5,
+    )
+    response.raise_for_status()
+    data: dict[str, Any] = response.json()["data"]["data"]
+    return data
