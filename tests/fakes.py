@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from events.bus import ChangeHandler
     from service.audit.log import AuditPublisher
     from service.core import EventSink
-    from service.rotation.coordinator import Logins
+    from service.rotation.logins import Logins
     from service.vault import VaultBackend
 
 __all__ = [

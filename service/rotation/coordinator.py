@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from schemas.api import RotationStatus
 from schemas.errors import (
@@ -37,45 +37,24 @@ from schemas.errors import (
     RotationFailed,
     RotationInProgress,
     SecretsError,
-    VaultUnavailable,
     VersionConflict,
 )
 from schemas.events import SecretRotationFailed
 from schemas.secret import Secret
 from service.audit.log import AuditLog
 from service.core.manager import SecretsManager
+from service.rotation.errors import BaseUnreadable, MasterNotFound, error_code
 from service.rotation.generators import new_values
-from service.rotation.postgres import PostgresError, PostgresRotator
+from service.rotation.logins import Logins
+from service.rotation.postgres import PostgresRotator
 from service.rotation.rules import RotationRule, RotationRules
 from service.rotation.schedule import next_due
 from service.rotation.state import RotationState, Run, StateConflict, StateStore
 from service.timestamps import utc_now
 
-__all__ = [
-    "ATTEMPT_OUTCOMES",
-    "ROTATION_ERRORS",
-    "ROTATION_OUTCOMES",
-    "Coordinator",
-    "Logins",
-    "Rotated",
-    "error_code",
-]
+__all__ = ["ATTEMPT_OUTCOMES", "ROTATION_OUTCOMES", "Coordinator", "Rotated"]
 
 log = logging.getLogger("secrets.rotation")
-
-ROTATION_ERRORS = (
-    "invalid_secret",  # the data (or the generated values) break the path's validation rules
-    "base_unreadable",  # the version the rotation starts from is deleted or destroyed
-    "bad_secret",  # a postgres secret lacks host, port, dbname, username or password
-    "master_not_found",  # the `master` secret of an alternating postgres rule is not readable
-    "postgres_unreachable",
-    "postgres_login_failed",
-    "postgres_refused",
-    "vault_unavailable",
-    "conflict",  # human writes kept winning: the rotation gave up re-planning
-    "internal",
-)
-"""Every `last_error` and `secret.rotation_failed` `error`: a code, never a value."""
 
 ROTATION_OUTCOMES = ("ok", "failed", "stalled", "conflict")
 """`secrets_rotations_total{outcome}`: cycles that rotated, failed, failed into `stalled`, or
@@ -83,46 +62,6 @@ lost to a write and planned again."""
 ATTEMPT_OUTCOMES = ("ok", "failed")
 
 MAX_REPLANS = 3
-
-
-class Logins(Protocol):
-    """An outside system holding the credential (PostgreSQL): `PostgresRotator`, a fake in
-    tests. Every method is idempotent: a run taken over after a crash calls it again."""
-
-    def plan(
-        self, data: Mapping[str, Any], new_password: str, *, alternating: bool
-    ) -> dict[str, Any]:
-        """The fields the rotation writes (the password; with alternating, the username)."""
-        ...
-
-    async def apply(
-        self,
-        base: Mapping[str, Any],
-        pending: Mapping[str, Any],
-        master: Mapping[str, Any] | None,
-    ) -> None:
-        """Make the pending login live, and prove it by logging in with it."""
-        ...
-
-    async def finish(
-        self,
-        base: Mapping[str, Any],
-        pending: Mapping[str, Any],
-        master: Mapping[str, Any] | None,
-        grace: float,
-    ) -> None:
-        """After the write: retire the previous login after `grace` (alternating users)."""
-        ...
-
-    async def undo(
-        self,
-        latest: Mapping[str, Any] | None,
-        base: Mapping[str, Any],
-        pending: Mapping[str, Any],
-        master: Mapping[str, Any] | None,
-    ) -> None:
-        """A write won: leave the role `pending` names holding what `latest` holds, or nothing."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +314,7 @@ class Coordinator:
         try:
             base = await self.backend.read(path, run.base_version)
         except NotFound:
-            raise _BaseUnreadable() from None
+            raise BaseUnreadable() from None
         if run.step == "claimed":
             run.pending = await self._generate(ctx, base)
             run.step = "generated"
@@ -492,7 +431,7 @@ class Coordinator:
         try:
             return (await self.backend.read(rule.master)).data
         except NotFound:
-            raise _MasterNotFound() from None
+            raise MasterNotFound() from None
 
     async def _save(self, ctx: _Context) -> None:
         """Record the run's progress (CAS) and renew its lease; `StateConflict` if taken over."""
@@ -597,26 +536,3 @@ class Coordinator:
                 client_request_id=request_id,
             )
         )
-
-
-class _BaseUnreadable(Exception):
-    pass
-
-
-class _MasterNotFound(Exception):
-    pass
-
-
-def error_code(exc: BaseException) -> str:
-    """The ROTATION_ERRORS code of a failure: what `last_error` and events say, no value."""
-    if isinstance(exc, PostgresError):
-        return "bad_secret" if exc.code == "bad_secret" else f"postgres_{exc.code}"
-    if isinstance(exc, InvalidSecret):
-        return "invalid_secret"
-    if isinstance(exc, _BaseUnreadable):
-        return "base_unreadable"
-    if isinstance(exc, _MasterNotFound):
-        return "master_not_found"
-    if isinstance(exc, VaultUnavailable):
-        return "vault_unavailable"
-    return "internal"

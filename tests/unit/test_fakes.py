@@ -14,7 +14,7 @@ import pytest
 from events.bus import ChangeHandler
 from service.audit.log import AuditPublisher
 from service.core import EventSink
-from service.rotation.coordinator import Logins
+from service.rotation.logins import Logins
 from service.vault import VaultBackend
 from tests.fakes import (
     FakeLogins,
