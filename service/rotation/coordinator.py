@@ -302,10 +302,16 @@ class Coordinator:
                 },
             )
             return done
+        written = ctx.run.written_version if ctx.run.step == "written" else None
         await self._fail(ctx.path, ctx.rule, code, trigger, ctx)
-        raise RotationFailed(
-            code, f"the rotation failed ({code}); the current version stands", path=ctx.path
-        )
+        if written is not None:
+            detail = (
+                f"version {written} was written, but finishing the rotation failed ({code}); "
+                "the next attempt finishes it"
+            )
+        else:
+            detail = f"the rotation failed ({code}); the current version stands"
+        raise RotationFailed(code, detail, path=ctx.path)
 
     # -- the steps ---------------------------------------------------------------------------
 

@@ -377,3 +377,26 @@ async def test_an_instance_whose_run_was_taken_over_stops_and_says_so(world: Wor
     # record of it cannot: the run is the taker's to finish.
     assert world.vault.current("app/api") <= 2
     assert (await world.state("app/api")).state == "running"
+
+
+async def test_a_rotation_written_but_not_finished_says_so_and_the_next_attempt_finishes_it(
+    world: World,
+) -> None:
+    world.vault.seed("db/admin", {**DB, "username": "admin", "password": "Admin-pass-1234567"})
+    world.vault.seed("db/pair", DB)
+    coordinator = world.instance()
+    retire = world.logins.finish
+
+    async def down(*args: Any) -> None:
+        raise PostgresError("unreachable", "cannot reach 127.0.0.1:5432")
+
+    world.logins.finish = down  # type: ignore[method-assign]
+    with pytest.raises(RotationFailed) as caught:
+        await coordinator.rotate("db/pair", actor="alice")
+    assert "version 2 was written" in caught.value.detail
+    assert world.vault.current("db/pair") == 2
+    world.logins.finish = retire  # type: ignore[method-assign]
+    done = await coordinator.rotate("db/pair", actor="rotation", trigger="resume")
+    assert done is not None and done.version == 2  # finished, not rotated again
+    assert world.logins.retired == {"app": 30.0}
+    assert (await world.state("db/pair")).state == "idle"
