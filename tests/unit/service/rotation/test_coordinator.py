@@ -390,7 +390,7 @@ async def test_a_rotation_written_but_not_finished_says_so_and_the_next_attempt_
     async def down(*args: Any) -> None:
         raise PostgresError("unreachable", "cannot reach 127.0.0.1:5432")
 
-    world.logins.finish = down  # type: ignore[method-assign]
+    world.logins.finish = down  # type: ignore[method-assign,assignment]
     with pytest.raises(RotationFailed) as caught:
         await coordinator.rotate("db/pair", actor="alice")
     assert "version 2 was written" in caught.value.detail
