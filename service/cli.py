@@ -19,6 +19,7 @@ from service.core.validation import Validator
 from service.http.app import create_app
 from service.http.serving import server_config
 from service.obs.logs import configure_logging
+from service.rotation.rules import RotationRules
 from service.settings import Settings
 
 __all__ = ["main", "serve", "serve_until_stopped"]
@@ -57,7 +58,9 @@ def _config_failure(exc: ConfigError) -> int:
 def serve(environ: Mapping[str, str]) -> int:
     try:
         settings = Settings.from_environ(environ)
-        Validator.from_policy(Policy.load(settings.policy_file).raw)
+        # Every policy section is checked before anything starts: one line, exit code 2.
+        policy = Policy.load(settings.policy_file)
+        RotationRules.from_policy(policy.raw, Validator.from_policy(policy.raw))
     except ConfigError as exc:
         return _config_failure(exc)
     configure_logging(settings.log_level)

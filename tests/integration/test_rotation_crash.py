@@ -9,6 +9,7 @@ tests.integration.crashing_service serve`, the service with a kill at the chosen
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.support import (
     make_login,
     make_pair,
     metric_value,
+    record_figures,
     running_service,
     service_environ,
     service_settings,
@@ -139,6 +141,7 @@ async def test_an_instance_killed_after_any_step_leaves_one_version_and_one_live
                 await client.post(f"/secrets/{path}:rotate", headers=bearer(survivor.token))
         assert process.process is not None
         assert process.process.wait(timeout=10) == -9  # SIGKILL, as the step's hook did
+    killed = time.monotonic()
     # The survivor's scheduler takes the run over once its lease runs out, and finishes it.
 
     async def idle() -> bool:
@@ -146,6 +149,7 @@ async def test_an_instance_killed_after_any_step_leaves_one_version_and_one_live
         return state["state"] == "idle" and state["last_rotated"] is not None
 
     await eventually(idle, timeout=30, interval=0.1)
+    recovered = time.monotonic() - killed
     async with backend_for(openbao.addr, token=openbao.root_token) as vault:
         meta = await vault.read_metadata(path)
         latest = await vault.read(path)
@@ -157,6 +161,14 @@ async def test_an_instance_killed_after_any_step_leaves_one_version_and_one_live
     assert not await logs_in(postgres, role, old)
     # The values the run recorded are gone from the state document's history.
     assert [v.version for v in doc.versions if not v.destroyed] == [doc.current_version]
+    record_figures(
+        "rotation_kill_after_step",
+        step=step,
+        lease_s=float(LEASE),
+        finished_after_kill_s=round(recovered, 2),
+        versions_made=meta.current_version - 1,
+        old_password_refused=True,
+    )
 
 
 async def test_a_single_user_rotation_on_request_is_proven_by_logging_in(

@@ -152,3 +152,38 @@ def test_serve_with_a_wrong_validation_rule_exits_2_naming_the_policy_and_the_ke
     result = serve(settings)
     assert_one_line_naming(result, "SECRETS_POLICY_FILE")
     assert "validation.rules[0].min_lenght" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("rule", "named"),
+    [
+        ('paths = ["app/*"]\nevery = "2 weeks"', "rotation.rules[0].every"),
+        ('paths = ["app/*"]\ngenerator = "postgres"\ngrace = "1h"', "rotation.rules[0].grace"),
+        ('paths = ["app/*"]\ngenerator = "password"\nlength = 4', "rotation.rules[0].length"),
+    ],
+)
+def test_serve_with_a_wrong_rotation_rule_exits_2_naming_the_policy_and_the_rule(
+    settings: dict[str, str], tmp_path: Path, rule: str, named: str
+) -> None:
+    policy = tmp_path / "bad-rotation.toml"
+    policy.write_text(POLICY + f"\n[[rotation.rules]]\n{rule}\n")
+    settings["SECRETS_POLICY_FILE"] = str(policy)
+    result = serve(settings)
+    assert_one_line_naming(result, "SECRETS_POLICY_FILE")
+    assert named in result.stderr
+
+
+def test_serve_with_a_rotation_rule_the_validation_rules_refuse_exits_2(
+    settings: dict[str, str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "unmeetable.toml"
+    policy.write_text(
+        POLICY
+        + '\n[[validation.rules]]\npaths = ["app/**"]\n[validation.rules.fields.password]\n'
+        + "max_length = 16\n"
+        + '\n[[rotation.rules]]\npaths = ["app/*"]\nlength = 32\n'
+    )
+    settings["SECRETS_POLICY_FILE"] = str(policy)
+    result = serve(settings)
+    assert_one_line_naming(result, "SECRETS_POLICY_FILE")
+    assert "rotation.rules[0]" in result.stderr and "max_length" in result.stderr
