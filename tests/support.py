@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import State
 
 from devstack import DEV_POLICY_TOML, NatsEndpoint, OpenBaoEndpoint, PostgresServer, free_port
+from devstack.stack import least_privilege_token
 from events.bus import EventBus
 from service.http.app import create_app
 from service.http.protocol import HttpProtocol
@@ -87,6 +88,19 @@ def service_environ(
     }
     environ.update({f"SECRETS_{k.upper()}": v for k, v in overrides.items()})
     return environ
+
+
+@dataclass(frozen=True)
+class LeastPrivilege:
+    """The same OpenBao, reached with a token of the dev stack's own Vault policy for the
+    service (devstack.stack.DEV_SERVICE_POLICY) instead of the root token."""
+
+    addr: str
+    root_token: str
+
+    @classmethod
+    def of(cls, openbao: OpenBaoEndpoint) -> LeastPrivilege:
+        return cls(openbao.addr, least_privilege_token(openbao.addr, openbao.root_token))
 
 
 def write_policy(directory: Path, text: str = DEV_POLICY_TOML) -> Path:

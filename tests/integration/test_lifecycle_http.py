@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from devstack import NatsEndpoint, OidcIssuer, OpenBaoEndpoint
-from devstack.stack import least_privilege_token
 from schemas.events import ChangeEvent, SecretDeleted, SecretDestroyed, SecretUndeleted
 from tests.support import (
+    LeastPrivilege,
     RunningService,
     bearer,
     eventually,
@@ -84,14 +84,8 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     directory = tmp_path_factory.mktemp("lifecycle")
     audit_file = directory / "audit.log"
-    service_token = least_privilege_token(openbao.addr, openbao.root_token)
-
-    class LeastPrivilege:  # the dev stack's own Vault policy, not the root token
-        addr = openbao.addr
-        root_token = service_token
-
     settings = service_settings(
-        LeastPrivilege,
+        LeastPrivilege.of(openbao),  # the dev stack's own Vault policy, not the root token
         nats,
         oidc,
         write_policy(directory, POLICY),
