@@ -21,7 +21,7 @@ install: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/secrets-service dev
 
-SOURCES := service events schemas secrets_client devstack tests bench
+SOURCES := service events schemas secrets_client devstack tests bench examples
 
 # ruff, then the layer rules of pyproject.toml's [tool.importlinter] (import-linter).
 lint: $(STAMP)

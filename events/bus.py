@@ -34,7 +34,8 @@ from events.connection import (
     is_telling,
     tls_context,
 )
-from events.subjects import changed_subject, path_from_subject
+from events.subjects import approvals_subject, changed_subject, path_from_subject
+from schemas.approvals import ApprovalEvent, approval_event_encoder
 from schemas.errors import ConfigError
 from schemas.events import (
     ChangeEvent,
@@ -52,6 +53,7 @@ from schemas.paths import is_valid_path
 from schemas.secret import redact_url
 
 __all__ = [
+    "APPROVALS_STREAM",
     "AUDIT_STREAM",
     "CHANGE_STREAM",
     "DROP_REASONS",
@@ -67,6 +69,8 @@ log = logging.getLogger("secrets.events")
 
 CHANGE_STREAM = "SECRETS_EVENTS"
 AUDIT_STREAM = "SECRETS_AUDIT"
+APPROVALS_STREAM = "SECRETS_APPROVALS"
+APPROVALS_MAX_AGE = 90 * 86400  # seconds JetStream keeps approval events, for notifiers away
 AUDIT_MAX_AGE = 90 * 86400  # seconds JetStream keeps audit records; export them to keep more
 
 MAX_EVENT_VERSION: Final = 2**53  # beyond any real KV version, and JSON's exact integer range
@@ -255,6 +259,14 @@ class EventBus:
                     max_age=AUDIT_MAX_AGE,
                     replicas=self.replicas,
                 )
+                await ensure_stream(
+                    self.js,
+                    self.prefix,
+                    name=APPROVALS_STREAM,
+                    kind="approvals",
+                    max_age=APPROVALS_MAX_AGE,
+                    replicas=self.replicas,
+                )
                 break
             except (NatsError, JsError, TimeoutError) as exc:
                 if self._last_error is not None and is_telling(self._last_error):
@@ -293,8 +305,21 @@ class EventBus:
 
     async def _publish(self, event: ChangeEvent) -> None:
         subject = changed_subject(self.prefix, event.path)
-        payload = event_encoder.encode(event)
-        headers = {"Nats-Msg-Id": event.event_id}  # JetStream drops a retried duplicate
+        what = {"path": event.path, "version": event.version}
+        await self._publish_stored(subject, event_encoder.encode(event), event.event_id, what)
+
+    def publish_approval(self, event: ApprovalEvent) -> None:
+        """Announce a change request's transition on `<prefix>.approvals.<path>` (stored by
+        SECRETS_APPROVALS): in the background, retried, never raising."""
+        subject = approvals_subject(self.prefix, event.path)
+        what = {"path": event.path, "change_id": event.id}
+        payload = approval_event_encoder.encode(event)
+        self._spawn(self._publish_stored(subject, payload, event.event_id, what))
+
+    async def _publish_stored(
+        self, subject: str, payload: bytes, event_id: str, what: dict[str, Any]
+    ) -> None:
+        headers = {"Nats-Msg-Id": event_id}  # JetStream drops a retried duplicate
         delay = 0.05
         for attempt in range(1, self.publish_attempts + 1):
             try:
@@ -308,21 +333,13 @@ class EventBus:
             except (NatsError, JsError, TimeoutError, ConnectionError) as exc:
                 log.warning(
                     "event publish failed",
-                    extra={
-                        "path": event.path,
-                        "version": event.version,
-                        "attempt": attempt,
-                        "error_type": type(exc).__name__,
-                    },
+                    extra={**what, "attempt": attempt, "error_type": type(exc).__name__},
                 )
                 if attempt < self.publish_attempts:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         self.publish_failures += 1
-        log.error(
-            "event not published; other instances fall back to the version check",
-            extra={"path": event.path, "version": event.version},
-        )
+        log.error("event not published; other instances fall back to the version check", extra=what)
 
     async def publish_audit(self, op: str, payload: bytes, *, acknowledged: bool = True) -> bool:
         """Publish audit records on `<prefix>.audit.<op>` (stored by SECRETS_AUDIT): `payload`

@@ -28,6 +28,7 @@ from schemas.globs import PathGlob
 from schemas.paths import validate_path
 
 __all__ = [
+    "approvals_subject",
     "changed_subject",
     "decode_path",
     "encode_path",
@@ -66,6 +67,12 @@ def decode_path(tokens: str) -> str:
 def changed_subject(prefix: str, path: str) -> str:
     """The subject a change to `path` is published on: ``<prefix>.changed.<encoded path>``."""
     return f"{_changed(prefix)}{encode_path(path)}"
+
+
+def approvals_subject(prefix: str, path: str) -> str:
+    """The subject a change request's transitions on `path` are published on:
+    ``<prefix>.approvals.<encoded path>`` (the same encoding as `changed_subject`)."""
+    return f"{_changed(prefix)[: -len('changed.')]}approvals.{encode_path(path)}"
 
 
 def path_from_subject(prefix: str, subject: str) -> str:

@@ -20,15 +20,19 @@ __all__ = [
     "outcome_for",
 ]
 
-READ_OPS = frozenset({"read", "list", "versions", "rotation"})
+READ_OPS = frozenset({"read", "list", "versions", "rotation", "changes"})
 """Ops that change nothing: audited, but a fail-closed audit log set to `writes` lets them by."""
 
-OPS = READ_OPS | {"write", "delete", "undelete", "destroy", "rollback", "rotate", "other"}
+OPS = READ_OPS | {
+    "write", "delete", "undelete", "destroy", "rollback", "rotate",
+    "propose", "approve", "reject", "cancel", "apply", "expire", "other",
+}  # fmt: skip
 """Every `op` of an audit record and of the `secrets_operations_total` metric."""
 
 _OUTCOME_BY_STATUS: Mapping[int, str] = {
     400: "invalid", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-    409: "conflict", 413: "too_large", 422: "invalid_secret", 502: "failed", 503: "unavailable",
+    409: "conflict", 413: "too_large", 422: "invalid_secret", 428: "approval_required",
+    502: "failed", 503: "unavailable",
 }  # fmt: skip
 
 OUTCOMES = frozenset({"ok", "error", *_OUTCOME_BY_STATUS.values()})
@@ -59,6 +63,10 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str
     # The X-Request-ID the caller sent, if well formed: theirs to correlate, never trusted.
     client_request_id: str | None = None
+    # A break-glass change: the reason its X-Bypass-Reason header gave (the caller's words).
+    bypass_reason: str | None = None
+    # A change request this record is about (propose, approve, ..., or an apply's write).
+    change_id: str | None = None
 
 
 audit_encoder = msgspec.json.Encoder()

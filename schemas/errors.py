@@ -5,13 +5,16 @@
     ├── InvalidPath                   400 invalid_path
     ├── InvalidRequest                400 invalid_request
     ├── Unauthenticated               401 unauthenticated   (.reason: closed set, for logs/metrics)
-    ├── Forbidden                     403 forbidden
+    ├── Forbidden                     403 forbidden         (SelfApproval: 403 self_approval)
     ├── NotFound                      404 not_found
     ├── VersionConflict               409 version_conflict  (.current_version)
     ├── RotationInProgress            409 rotation_in_progress
+    ├── ChangeConflict                409 change_conflict   (the request's state forbids it)
     ├── TooLarge                      413 too_large
     ├── InvalidSecret                 422 invalid_secret    (.violations)
     ├── NoRotationRule                422 no_rotation_rule
+    ├── NoApprovalRule                422 no_approval_rule
+    ├── ApprovalRequired              428 approval_required
     ├── RotationFailed                502 rotation_failed   (.reason: a ROTATION_ERRORS code)
     └── BackendUnavailable            503 backend_unavailable
         ├── VaultUnavailable              Vault unreachable, timing out or failing
@@ -28,18 +31,22 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
+    "ApprovalRequired",
     "AuditUnavailable",
     "BackendUnavailable",
+    "ChangeConflict",
     "ConfigError",
     "Forbidden",
     "InvalidPath",
     "InvalidRequest",
     "InvalidSecret",
+    "NoApprovalRule",
     "NoRotationRule",
     "NotFound",
     "RotationFailed",
     "RotationInProgress",
     "SecretsError",
+    "SelfApproval",
     "TooLarge",
     "Unauthenticated",
     "VaultAccessDenied",
@@ -100,6 +107,20 @@ class Forbidden(SecretsError):
     code = "forbidden"
 
     def __init__(self, detail: str = "no grant for this path", *, path: str | None = None) -> None:
+        super().__init__(detail, path=path)
+
+
+class SelfApproval(Forbidden):
+    """The requester of a change never counts as one of its approvers, whatever roles it holds."""
+
+    code = "self_approval"
+
+    def __init__(
+        self,
+        detail: str = "the requester of a change cannot approve it",
+        *,
+        path: str | None = None,
+    ) -> None:
         super().__init__(detail, path=path)
 
 
@@ -182,6 +203,42 @@ class RotationFailed(SecretsError):
     def __init__(self, reason: str, detail: str, *, path: str | None = None) -> None:
         super().__init__(detail, path=path)
         self.reason = reason
+
+
+class ChangeConflict(SecretsError):
+    """The change request's state forbids the action (approving an applied one, ...)."""
+
+    status = 409
+    code = "change_conflict"
+
+
+class NoApprovalRule(SecretsError):
+    status = 422
+    code = "no_approval_rule"
+
+    def __init__(
+        self,
+        detail: str = "no [[approvals.rules]] entry covers this path: write it directly",
+        *,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(detail, path=path)
+
+
+class ApprovalRequired(SecretsError):
+    """A change to a path under an approval rule, made neither through an approved request nor
+    as a break-glass bypass (`secrets:bypass` and an `X-Bypass-Reason` header)."""
+
+    status = 428
+    code = "approval_required"
+
+    def __init__(
+        self,
+        detail: str = "this path needs an approved change request (POST :propose)",
+        *,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(detail, path=path)
 
 
 class BackendUnavailable(SecretsError):

@@ -1,11 +1,12 @@
 """`SecretsClient`: the blocking HTTP client of the service's API, one call per method.
 
-Paths are checked before a request is made (a `:` or `..` never turns into another request);
-a refusal or an unreachable service raises `ClientError` carrying the API's `error` code.
+Paths and change ids are checked before a request is made (a `:` or `..` never turns into
+another request); a refusal or an unreachable service raises `ClientError` with the API's `error`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -17,9 +18,14 @@ from schemas.errors import InvalidPath
 from schemas.paths import validate_path, validate_prefix
 from schemas.secret import Secret, SecretData
 
-__all__ = ["DEFAULT_URL", "ClientError", "SecretsClient", "secret_url"]
+__all__ = ["DEFAULT_URL", "ClientError", "SecretsClient", "change_url", "secret_url"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+# The service names a change request by a uuid4 in hex; nothing else may reach the URL.
+_CHANGE_ID = re.compile(r"[0-9a-f]{32}")
+# What h11 sends unaltered in a header value: printable ASCII (no CR, LF or other control).
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 class ClientError(Exception):
@@ -46,7 +52,15 @@ class ClientError(Exception):
 class SecretsClient:
     """`with SecretsClient(url, token=...) as client: client.get("app/db")`."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """`transport` replaces the network (an `httpx.MockTransport` in tests)."""
         self.url = url
         self.timeout = timeout
         try:
@@ -54,6 +68,7 @@ class SecretsClient:
                 base_url=url,
                 timeout=timeout,
                 headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                transport=transport,
             )
         except httpx.InvalidURL:
             raise ClientError("invalid_url", "the service URL is not a valid http(s) URL") from None
@@ -124,6 +139,42 @@ class SecretsClient:
         "last_error"}`."""
         return self.request("GET", f"{secret_url(path)}:rotation")
 
+    # -- change requests (approvals) --------------------------------------------------------
+
+    def propose(
+        self, path: str, data: Mapping[str, Any], *, version: int, reason: str
+    ) -> dict[str, Any]:
+        """Ask for `data` to be written as the version after `version`, once approved; the
+        change request (`id`, `state` pending, `required`, `approvals` [], ...)."""
+        payload = {"data": dict(data), "version": version, "reason": reason}
+        return self._object("POST", f"{secret_url(path)}:propose", json=payload)
+
+    def changes(self, *, state: str | None = None, path: str | None = None) -> dict[str, Any]:
+        """`{"changes": [...], "truncated"}`: the requests you may see, by state or path;
+        each shows the changed field names, never their values."""
+        filters = {"state": state, "path": path}
+        params = {name: value for name, value in filters.items() if value is not None}
+        return self._object("GET", "/changes", params=params or None)
+
+    def change(self, id: str) -> dict[str, Any]:
+        return self._object("GET", change_url(id))
+
+    def approve(self, id: str) -> dict[str, Any]:
+        """Count your approval (never the requester's: ClientError `self_approval`, 403)."""
+        return self._object("POST", f"{change_url(id)}:approve")
+
+    def reject(self, id: str) -> dict[str, Any]:
+        return self._object("POST", f"{change_url(id)}:reject")
+
+    def cancel(self, id: str) -> dict[str, Any]:
+        return self._object("POST", f"{change_url(id)}:cancel")
+
+    def apply(self, id: str) -> dict[str, Any]:
+        """Write an approved request with CAS on its base version; `applied_version` is the
+        version written. If the secret moved on, ClientError `version_conflict` (409), and the
+        request is stale for good."""
+        return self._object("POST", f"{change_url(id)}:apply")
+
     def request(
         self,
         method: str,
@@ -131,10 +182,15 @@ class SecretsClient:
         *,
         params: Mapping[str, str] | None = None,
         json: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """One API call; its decoded JSON body, or ClientError."""
+        """One API call; its decoded JSON body, or ClientError. `headers` are added to the
+        client's own (`X-Bypass-Reason` for a break-glass change)."""
+        for name, value in (headers or {}).items():
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ClientError("invalid_request", f"header {name} must be printable ASCII")
         try:
-            response = self._http.request(method, url, params=params, json=json)
+            response = self._http.request(method, url, params=params, json=json, headers=headers)
         except httpx.TimeoutException:
             raise ClientError(
                 "timeout", f"no answer from {self.url} within {self.timeout}s"
@@ -158,6 +214,13 @@ class SecretsClient:
             body=fields or None,
         )
 
+    def _object(
+        self, method: str, url: str, *, params: Mapping[str, str] | None = None, json: Any = None
+    ) -> dict[str, Any]:
+        """`request` for an answer that is a JSON object (a change request, a listing)."""
+        body: dict[str, Any] = self.request(method, url, params=params, json=json)
+        return body
+
 
 def secret_url(path: str) -> str:
     """`/secrets/<path>`, the path checked and quoted; ClientError `invalid_path` if bad."""
@@ -166,6 +229,13 @@ def secret_url(path: str) -> str:
     except InvalidPath as exc:
         raise ClientError(exc.code, exc.detail) from None
     return "/secrets/" + quote(path, safe="/")
+
+
+def change_url(id: str) -> str:
+    """`/changes/<id>`; ClientError `invalid_request` unless `id` is a change request's id."""
+    if not _CHANGE_ID.fullmatch(id):
+        raise ClientError("invalid_request", "a change id is 32 lowercase hex digits")
+    return "/changes/" + quote(id, safe="")
 
 
 def _prefix_url(prefix: str) -> str:

@@ -17,6 +17,7 @@ from typing import IO, Any, NoReturn
 
 import msgspec
 
+from schemas.approvals import CHANGE_STATES
 from secrets_client.client import DEFAULT_URL, ClientError, SecretsClient, secret_url
 
 __all__ = ["EXIT_CODES", "main"]
@@ -30,6 +31,7 @@ EXIT_FORBIDDEN = 5
 EXIT_UNAUTHENTICATED = 6
 EXIT_INVALID = 7
 EXIT_UNAVAILABLE = 8
+EXIT_APPROVAL = 9
 
 EXIT_CODES: Mapping[int, str] = {
     EXIT_OK: "success",
@@ -37,12 +39,14 @@ EXIT_CODES: Mapping[int, str] = {
     EXIT_USAGE: "usage error (bad arguments)",
     EXIT_NOT_FOUND: "not found (404)",
     EXIT_CONFLICT: "conflict (409): a stale version (the body on stderr holds current_version), "
-    "or a rotation already under way",
-    EXIT_FORBIDDEN: "forbidden (403): no grant for this path",
+    "a rotation already under way, or a change request whose state forbids the action",
+    EXIT_FORBIDDEN: "forbidden (403): no grant for this path, or approving your own change",
     EXIT_UNAUTHENTICATED: "unauthenticated (401), or SECRETS_TOKEN not set",
     EXIT_INVALID: "invalid input (400, 413, 422), checked locally or by the service",
     EXIT_UNAVAILABLE: "service, Vault or NATS unavailable (503, connection failure, timeout), "
     "or a rotation failed (502 rotation_failed: the old credential stands)",
+    EXIT_APPROVAL: "approval required (428): propose the change (secretsctl propose), "
+    "or break glass with --bypass-reason",
 }
 
 _BY_STATUS = {
@@ -53,6 +57,7 @@ _BY_STATUS = {
     409: EXIT_CONFLICT,
     413: EXIT_INVALID,
     422: EXIT_INVALID,
+    428: EXIT_APPROVAL,
     502: EXIT_UNAVAILABLE,
     503: EXIT_UNAVAILABLE,
     504: EXIT_UNAVAILABLE,
@@ -91,6 +96,11 @@ examples:
   secretsctl rotate app/db                               # or --version 4: only from v4
   secretsctl rotation app/db                             # state, last and next rotation
   secretsctl watch 'app/**'
+  secretsctl propose prod/db --version 3 --reason "INC-7: new vendor key" --file new.json
+  secretsctl changes --state pending                     # field names only, never values
+  secretsctl approve 0b5e9c2f4d6a4e1f8a3b7c9d2e4f6a8b    # an approver, never the requester
+  secretsctl apply 0b5e9c2f4d6a4e1f8a3b7c9d2e4f6a8b      # CAS: stale if prod/db moved on
+  secretsctl put prod/db --version 3 --bypass-reason "INC-8: outage" < new.json
 """
 )
 
@@ -201,6 +211,46 @@ def _parser() -> argparse.ArgumentParser:
         "rotation", help="rotation state: idle, running, failed or stalled; last and next"
     )
     rotation.add_argument("path")
+    for name in ("put", "delete", "undelete", "destroy", "rollback", "rotate"):
+        sub.choices[name].add_argument(
+            "--bypass-reason",
+            type=_reason,
+            metavar="TEXT",
+            help="break glass on a path under an approval rule (needs secrets:bypass): "
+            "change it without a change request, audited with this reason",
+        )
+
+    propose = sub.add_parser(
+        "propose",
+        help="ask for a write on a path under an approval rule; the value as for put",
+    )
+    propose.add_argument("path")
+    propose.add_argument(
+        "--version",
+        type=_nonnegative,
+        required=True,
+        help="the current version you last saw (0: the path must not exist yet)",
+    )
+    propose.add_argument(
+        "--reason", type=_reason, required=True, metavar="TEXT", help="shown to approvers"
+    )
+    propose.add_argument(
+        "--file", default="-", help="JSON file holding the value, an object ('-': stdin)"
+    )
+    changes = sub.add_parser(
+        "changes", help="change requests you may see (field names only, never values)"
+    )
+    changes.add_argument("--state", choices=CHANGE_STATES)
+    changes.add_argument("--path", help="only the requests on this path")
+    for name, text in (
+        ("change", "one change request: state, approvals, changed field names"),
+        ("approve", "approve a change request (secrets:approve; never your own)"),
+        ("reject", "reject a change request (secrets:approve)"),
+        ("cancel", "withdraw your own change request"),
+        ("apply", "write an approved change request (CAS on its base version)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("id", help="the change request's id (32 hex digits)")
 
     watch = sub.add_parser(
         "watch",
@@ -243,26 +293,53 @@ def _command(client: SecretsClient, args: argparse.Namespace, stdin: IO[str]) ->
     command: str = args.command
     if command == "list":
         return client.list(args.prefix)
+    if command == "changes":
+        return client.changes(state=args.state, path=args.path)
+    by_id = {
+        "change": client.change,
+        "approve": client.approve,
+        "reject": client.reject,
+        "cancel": client.cancel,
+        "apply": client.apply,
+    }
+    if command in by_id:
+        return by_id[command](args.id)
     path: str = args.path
     if command == "get":
         version = None if args.version is None else {"version": str(args.version)}
         return client.request("GET", secret_url(path), params=version)
-    if command == "put":
-        body = {"data": _read_value(args.file, stdin), "version": args.version}
-        return client.request("PATCH", secret_url(path), json=body)
     if command == "versions":
         return client.versions(path)
-    if command == "delete":
-        return client.delete(path, args.versions)
-    if command == "undelete":
-        return client.undelete(path, args.versions)
-    if command == "destroy":
-        return client.destroy(path, args.versions)
-    if command == "rotate":
-        return client.rotate(path, version=args.version)
     if command == "rotation":
         return client.rotation(path)
-    return client.rollback(path, args.to, version=args.version)
+    if command == "propose":
+        data = _read_value(args.file, stdin)
+        return client.propose(path, data, version=args.version, reason=args.reason)
+    return _change(client, args, stdin)
+
+
+def _change(client: SecretsClient, args: argparse.Namespace, stdin: IO[str]) -> Any:
+    """put, delete, undelete, destroy, rollback, rotate: built here rather than by the client's
+    methods, so that --bypass-reason can ride along as the X-Bypass-Reason header."""
+    command: str = args.command
+    url = secret_url(args.path)
+    params = None
+    body: Any = None
+    if command == "put":
+        body = {"data": _read_value(args.file, stdin), "version": args.version}
+    elif command == "delete" and args.versions is not None:
+        params = {"versions": ",".join(map(str, args.versions))}
+    elif command in ("undelete", "destroy"):
+        url, body = f"{url}:{command}", {"versions": args.versions}
+    elif command == "rollback":
+        url, body = f"{url}:rollback", {"to_version": args.to, "version": args.version}
+    elif command == "rotate":
+        url = f"{url}:rotate"
+        body = None if args.version is None else {"version": args.version}
+    method = {"put": "PATCH", "delete": "DELETE"}.get(command, "POST")
+    reason = args.bypass_reason
+    headers = None if reason is None else {"X-Bypass-Reason": reason}
+    return client.request(method, url, params=params, json=body, headers=headers)
 
 
 def _exit_code(exc: ClientError) -> int:
@@ -406,6 +483,14 @@ def _nonnegative(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()):
         raise argparse.ArgumentTypeError("must be an integer >= 0")
     return int(raw)
+
+
+def _reason(raw: str) -> str:
+    # A header for --bypass-reason: the client refuses what is not printable ASCII there.
+    text = raw.strip()
+    if not text or len(text) > 1000:
+        raise argparse.ArgumentTypeError("must be 1 to 1000 characters, not blank")
+    return text
 
 
 def _version_list(raw: str) -> list[int]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import uvicorn
 
 from schemas.errors import ConfigError
+from service.approvals.rules import ApprovalRules
 from service.auth.policy import Policy
 from service.core.validation import Validator
 from service.http.app import create_app
@@ -61,6 +62,7 @@ def serve(environ: Mapping[str, str]) -> int:
         # Every policy section is checked before anything starts: one line, exit code 2.
         policy = Policy.load(settings.policy_file)
         RotationRules.from_policy(policy.raw, Validator.from_policy(policy.raw))
+        ApprovalRules.from_policy(policy.raw)
     except ConfigError as exc:
         return _config_failure(exc)
     configure_logging(settings.log_level)

@@ -73,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # run holds a path before another instance may take it over (its instance died).
     rotation_scan_interval: float = 30.0
     rotation_lease: float = 60.0
+    # Seconds between sweeps turning change requests past their time `expired`.
+    approval_sweep_interval: float = 30.0
     instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __repr__(self) -> str:
@@ -168,6 +170,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "metrics_role": _nonempty,
             "rotation_scan_interval": _positive_float,
             "rotation_lease": _positive_float,
+            "approval_sweep_interval": _positive_float,
             "instance_id": _subject_token,
         }
         for name, parse in optional.items():

@@ -173,6 +173,8 @@ class AuditLog:
         client_id: str | None,
         source: str | None,
         client_request_id: str | None = None,
+        change_id: str | None = None,
+        bypass_reason: str | None = None,
     ) -> AuditRecord:
         """The record of a request; `at`: its time (`service.timestamps.utc_now()`) if known."""
         return AuditRecord(
@@ -191,6 +193,8 @@ class AuditLog:
             source=source,
             instance_id=self.instance_id,
             client_request_id=client_request_id,
+            change_id=change_id,
+            bypass_reason=bypass_reason,
         )
 
     # -- writing ---------------------------------------------------------------------------

@@ -29,12 +29,24 @@ from schemas.errors import ConfigError
 from schemas.globs import PathGlob
 from schemas.paths import is_reserved, is_valid_path
 
-__all__ = ["DESTROY", "METRICS", "PERMISSIONS", "READ", "ROTATE", "WRITE", "Policy"]
+__all__ = [
+    "APPROVE",
+    "BYPASS",
+    "DESTROY",
+    "METRICS",
+    "PERMISSIONS",
+    "READ",
+    "ROTATE",
+    "WRITE",
+    "Policy",
+]
 
 READ = "secrets:read"
 WRITE = "secrets:write"
 DESTROY = "secrets:destroy"
 ROTATE = "secrets:rotate"
+APPROVE = "secrets:approve"
+BYPASS = "secrets:bypass"
 METRICS = "secrets:metrics"
 """With SECRETS_METRICS_ROLE, a token carrying scopes must list this one to read /metrics."""
 PERMISSIONS: Mapping[str, str] = {
@@ -42,6 +54,8 @@ PERMISSIONS: Mapping[str, str] = {
     "write": WRITE,
     "destroy": DESTROY,
     "rotate": ROTATE,
+    "approve": APPROVE,
+    "bypass": BYPASS,
 }
 """Keys a role may hold, and the permission each grants."""
 

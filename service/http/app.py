@@ -19,7 +19,7 @@ from events.bus import EventBus
 from schemas.api import encoder
 from schemas.errors import SecretsError
 from service.auth import OIDCVerifier, Policy
-from service.http import ops
+from service.http import changes, ops
 from service.http.errors import error_response, route_not_found
 from service.http.fast_path import CachedReads
 from service.http.middleware import TraceMiddleware
@@ -51,6 +51,8 @@ def create_app(
             # not take.
             Route("/secrets/{rest:path}", secret_endpoint, methods=HTTP_METHODS),
             Route("/secrets:list", secret_endpoint, methods=HTTP_METHODS),  # the top of the tree
+            Route("/changes", changes.changes_endpoint, methods=["GET"]),
+            Route("/changes/{rest:path}", changes.change_endpoint, methods=["GET", "POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", ops.metrics, methods=["GET"]),

@@ -109,6 +109,8 @@ class Recorder:
             client_id=None if t.client_id is UNSET else t.client_id,
             source=client[0] if client else None,
             client_request_id=None if t.client_request_id is UNSET else t.client_request_id,
+            change_id=None if t.change_id is UNSET else t.change_id,
+            bypass_reason=scope.get("bypass_reason"),
         )
 
 

@@ -19,6 +19,8 @@ from starlette.applications import Starlette
 from events.bus import EventBus
 from schemas.errors import ConfigError, SecretsError
 from schemas.secret import redact_url
+from service.approvals.rules import ApprovalRules
+from service.approvals.workflow import Approvals
 from service.audit import AuditLog, LineSink
 from service.auth import OIDCVerifier, Policy
 from service.core import SecretsManager
@@ -77,6 +79,7 @@ async def _open(
         # start-up (exit 2) naming it.
         validator = Validator.from_policy(pol.raw)
         rotation_rules = RotationRules.from_policy(pol.raw, validator)
+        approval_rules = ApprovalRules.from_policy(pol.raw)
         vault = backend
         if vault is None:
             hvac_backend = HvacBackend(
@@ -142,6 +145,10 @@ async def _open(
             # Also where no rule has a schedule: it resumes runs whose instance died.
             scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
             await _run_in_background(stack, scheduler.run())
+        approvals = Approvals(manager, approval_rules, events=events)
+        if approval_rules.rules:
+            # Every instance sweeps; each request turns expired once (a CAS write of its own).
+            await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))
         metrics.bind(
             manager=manager, bus=events, audit=audit, rotation=rotation, scheduler=scheduler
         )
@@ -165,8 +172,10 @@ async def _open(
         app.state.bus = events
         app.state.audit = audit
         app.state.rotation = rotation
+        app.state.approvals = approvals
         yield {
             "rotation": rotation,
+            "approvals": approvals,
             "manager": manager,
             "verifier": auth,
             "policy": pol,

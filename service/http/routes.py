@@ -2,7 +2,8 @@
 the handler picked by (HTTP method, custom verb) from one table.
 
 A verb is an AIP-136 custom method: an unknown one is 404, a known one with the wrong HTTP
-method 405 (JSON, with Allow). Handlers live in secrets, lifecycle, listing and rotation.
+method 405 (JSON, with Allow). Handlers live in secrets, lifecycle, listing, rotation and
+changes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from schemas.api import ErrorBody
 from schemas.errors import InvalidPath, NotFound
 from schemas.paths import split_custom_method, validate_path, validate_prefix
 from service.auth import Principal
-from service.http import lifecycle, listing, rotation, secrets
+from service.http import changes, lifecycle, listing, rotation, secrets
 from service.http.access import authenticate
 from service.http.responses import NO_STORE, json_response
 from service.http.trace import trace_of
@@ -36,6 +37,7 @@ METHODS: dict[tuple[str, str | None], Handler] = {
     ("POST", "rollback"): lifecycle.rollback,
     ("POST", "rotate"): rotation.rotate,
     ("GET", "rotation"): rotation.rotation,
+    ("POST", "propose"): changes.propose,
 }
 """Every handler of `/secrets/{path}`, keyed by (HTTP method, custom verb or None)."""
 

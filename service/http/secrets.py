@@ -12,6 +12,7 @@ from service.auth.policy import READ, WRITE
 from service.core import SecretsManager
 from service.http.access import require
 from service.http.body import read_json, version_param
+from service.http.gate import gate
 from service.http.responses import json_response, secret_response
 from service.http.trace import trace_of
 
@@ -31,8 +32,11 @@ async def read(request: Request, principal: Principal, path: str) -> Response:
 
 async def write(request: Request, principal: Principal, path: str) -> Response:
     require(request, principal, WRITE, path, op="write")
+    bypass = gate(request, principal, path, "write")
     body = await read_json(request, path, write_request_decoder, _WRITE_BODY)
     manager: SecretsManager = request.state.manager
     secret = await manager.set(path, body.data, body.version, actor=principal.subject)
     trace_of(request).version = secret.version
+    if bypass is not None:
+        bypass.done(principal.subject, secret.version)
     return json_response(WriteResponse(path=path, version=secret.version))

@@ -61,6 +61,8 @@ class RequestTrace(msgspec.Struct, kw_only=True, gc=False):
     list_calls: int | UnsetType = UNSET  # listing: Vault LIST calls made
     list_truncated: bool | UnsetType = UNSET  # listing: the walk ran out of its budget
     reason: str | UnsetType = UNSET  # why it was refused: auth reason, no_grant, audit_unavailable
+    change_id: str | UnsetType = UNSET  # the change request acted on (or a bypass's own id)
+    bypass: bool | UnsetType = UNSET  # a break-glass change (its reason: in the audit record)
     method: str | UnsetType = UNSET
     status: int | UnsetType = UNSET
     outcome: str | UnsetType = UNSET

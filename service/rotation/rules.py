@@ -29,7 +29,7 @@ from schemas.globs import PathGlob
 from schemas.paths import is_reserved, is_valid_path
 from service.auth.policy import POLICY_SETTING
 from service.core.validation import FIELD_NAME, Validator, only_keys
-from service.rotation.durations import parse_duration
+from service.durations import parse_duration
 from service.rotation.generators import GENERATORS, infeasible
 
 __all__ = ["LENGTHS", "RotationRule", "RotationRules"]

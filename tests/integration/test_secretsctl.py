@@ -119,7 +119,7 @@ async def test_help_documents_every_exit_code_and_the_environment(ctl: Ctl) -> N
         assert f"  {code}  {meaning}" in result.stdout
     for variable in ("SECRETS_URL", "SECRETS_TOKEN", "SECRETS_NATS_URL"):
         assert variable in result.stdout
-    assert sorted(EXIT_CODES) == list(range(9))
+    assert sorted(EXIT_CODES) == list(range(10))
 
 
 async def test_usage_errors_exit_2(ctl: Ctl) -> None:

@@ -13,7 +13,7 @@ from schemas.errors import ConfigError
 from schemas.globs import PathGlob
 from service.auth.policy import Policy
 from service.core.validation import Validator
-from service.rotation.durations import parse_duration
+from service.durations import parse_duration
 from service.rotation.rules import RotationRule, RotationRules
 
 CONTRACT_EXAMPLE = """
