@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,18 +38,16 @@ from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from events.bus import APPROVALS_STREAM
 from events.connection import check_credentials, connect_options, describe_error, tls_context
-from events.subjects import encode_path
+from events.subjects import approvals_subject
 from schemas.approvals import APPROVAL_EVENT_TYPES, ApprovalEvent, approval_event_decoder
 from schemas.errors import ConfigError
 from schemas.paths import is_valid_path
 
-__all__ = ["APPROVAL_STREAM", "NotifierOptions", "WebhookNotifier", "event_text", "main", "sign"]
+__all__ = ["NotifierOptions", "WebhookNotifier", "event_text", "main", "sign"]
 
 log = logging.getLogger("secrets.examples.webhook_notifier")
-
-APPROVAL_STREAM = "SECRETS_APPROVALS"
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class _Typed(msgspec.Struct):
@@ -66,7 +63,7 @@ class NotifierOptions:
     webhook: str
     prefix: str = "secrets"
     durable: str = "webhook-notifier"
-    stream: str = APPROVAL_STREAM
+    stream: str = APPROVALS_STREAM
     secret: bytes | None = None  # signs each body (X-Signature) when given
     max_deliver: int = 10  # attempts per event, then it is dropped (and logged)
     retry_delay: float = 1.0  # seconds before the second attempt, doubling, at most max_delay
@@ -106,8 +103,7 @@ class WebhookNotifier:
     """
 
     def __init__(self, options: NotifierOptions, http: httpx.AsyncClient | None = None) -> None:
-        if not _PREFIX_RE.fullmatch(options.prefix):
-            raise ValueError("the prefix is dot-separated tokens of [A-Za-z0-9_-]")
+        approvals_subject(options.prefix, "probe")  # ValueError for a prefix the bus refuses
         if options.credentials is not None:
             try:
                 check_credentials(options.credentials)
@@ -230,7 +226,7 @@ class WebhookNotifier:
         if not is_valid_path(event.path):
             log.warning("event %d skipped: invalid path", sequence)
             return None
-        if msg.subject != f"{self.options.prefix}.approvals.{encode_path(event.path)}":
+        if msg.subject != approvals_subject(self.options.prefix, event.path):
             log.warning("event %d skipped: its path is not its subject's", sequence)
             return None
         return event
@@ -267,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="secrets", help="subject prefix (SECRETS_NATS_PREFIX)")
     parser.add_argument("--webhook", required=True, help="the URL each event is POSTed to")
     parser.add_argument("--durable", default="webhook-notifier", help="durable consumer name")
-    parser.add_argument("--stream", default=APPROVAL_STREAM)
+    parser.add_argument("--stream", default=APPROVALS_STREAM)
     parser.add_argument("--secret", help="HMAC key for X-Signature (or WEBHOOK_SECRET)")
     parser.add_argument("--max-deliver", type=int, default=10, help="attempts per event")
     parser.add_argument("--retry-delay", type=float, default=1.0, help="first retry, seconds")

@@ -6,7 +6,7 @@ Every field added later gets a default, as for the change events.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -41,7 +41,7 @@ secret moved past base_version: it can never be applied). The last five are fina
 class ProposeRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /secrets/{path}:propose body: the data to write as the version after `version`."""
 
-    data: dict[str, object]
+    data: dict[str, Any]
     version: Annotated[int, msgspec.Meta(ge=0, le=2**53)]
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
 

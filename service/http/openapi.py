@@ -22,6 +22,7 @@ from schemas.api import (
     WriteRequest,
     WriteResponse,
 )
+from schemas.approvals import ChangeList, ChangeView, ProposeRequest
 
 __all__ = ["openapi_document"]
 
@@ -49,6 +50,13 @@ _PATH_PARAM = {
     "schema": {"type": "string", "maxLength": 512, "pattern": r"^[A-Za-z0-9_.\-/]+$"},
 }
 
+_APPROVAL_REQUIRED = {
+    "428": _error(
+        "approval_required: the path is under an approval rule; propose the change, or break "
+        "glass (secrets:bypass and an X-Bypass-Reason header)"
+    )
+}
+
 _COMMON_ERRORS = {
     "400": _error("invalid_path or invalid_request"),
     "401": {
@@ -65,6 +73,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     structs.append(InvalidSecretError)
     structs += [SecretMetadata, KeyList, VersionsRequest, RollbackRequest, LifecycleResponse]
     structs += [RotateRequest, RotateResponse, RotationStatus]
+    structs += [ProposeRequest, ChangeView, ChangeList]
     _, components = msgspec.json.schema_components(structs, ref_template=_REF)
     no_store = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
     paths: dict[str, Any] = {
@@ -102,6 +111,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {
                     "200": _json(WriteResponse, "Written"),
                     **_COMMON_ERRORS,
+                    **_APPROVAL_REQUIRED,
                     "409": _json(ConflictError, "version_conflict"),
                     "413": _error("too_large: the body exceeds the limit"),
                     "422": _json(InvalidSecretError, "invalid_secret"),
@@ -111,6 +121,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         },
         **_lifecycle_paths(),
         **_rotation_paths(),
+        **_change_paths(),
         "/healthz": {"get": _plain("alive", "Liveness")},
         "/readyz": {"get": _plain("ready: Vault and NATS answer (else 503)", "Readiness")},
         "/metrics": {"get": _plain("Prometheus text exposition", "Metrics", "text/plain")},
@@ -200,6 +211,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 "Restore soft-deleted versions (secrets:write); a destroyed one is 404",
                 _json(LifecycleResponse, "The versions restored"),
                 body=VersionsRequest,
+                errors=_APPROVAL_REQUIRED,
             ),
         },
         "/secrets/{path}:destroy": {
@@ -209,6 +221,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 "Remove the data of versions for good (secrets:destroy)",
                 _json(LifecycleResponse, "The versions destroyed"),
                 body=VersionsRequest,
+                errors=_APPROVAL_REQUIRED,
             ),
         },
         "/secrets/{path}:rollback": {
@@ -221,6 +234,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 _json(WriteResponse, "Written"),
                 body=RollbackRequest,
                 errors={
+                    **_APPROVAL_REQUIRED,
                     "409": _json(ConflictError, "version_conflict"),
                     "422": _json(InvalidSecretError, "invalid_secret"),
                 },
@@ -237,6 +251,7 @@ def _rotation_paths() -> dict[str, Any]:
         'optional: {"version": N} rotates only if N is still the current version',
         _json(RotateResponse, "Rotated"),
         errors={
+            **_APPROVAL_REQUIRED,
             "409": _error("version_conflict (a stale version) or rotation_in_progress"),
             "422": _error("no_rotation_rule, or invalid_secret (the path's validation rules)"),
             "502": _error("rotation_failed: every attempt failed; the current version stands"),
@@ -261,11 +276,112 @@ def _rotation_paths() -> dict[str, Any]:
     }
 
 
+_CHANGE_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "A change request's id: 32 lowercase hex digits",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+}
+
+
+def _query(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+
+
+def _change_action(name: str, summary: str) -> dict[str, Any]:
+    return {
+        "parameters": [_CHANGE_ID],
+        "post": _operation(
+            name,
+            summary,
+            _json(ChangeView, "The request after the action"),
+            errors={"409": _error("change_conflict: the request's state forbids it")},
+        ),
+    }
+
+
+def _change_paths() -> dict[str, Any]:
+    """Change requests: proposals for paths under [[approvals.rules]]."""
+    view = _json(ChangeView, "The request: changed field names, never values")
+    return {
+        "/secrets/{path}:propose": {
+            "parameters": [_PATH_PARAM],
+            "post": {
+                **_operation(
+                    "proposeChange",
+                    "Propose data as the version after `version` for a path under an approval "
+                    "rule (secrets:write); validated now and again at apply",
+                    {"description": "Created", "content": {}},
+                    body=ProposeRequest,
+                    errors={
+                        "409": _json(ConflictError, "version_conflict: version is not current"),
+                        "422": _error("no_approval_rule, or invalid_secret"),
+                    },
+                ),
+                "responses": {
+                    "201": view,
+                    **_COMMON_ERRORS,
+                    "409": _json(ConflictError, "version_conflict: version is not current"),
+                    "422": _error("no_approval_rule, or invalid_secret"),
+                },
+            },
+        },
+        "/changes": {
+            "get": {
+                **_operation(
+                    "listChanges",
+                    "Change requests the caller may see (read, write or approve on the path), "
+                    "newest first",
+                    _json(ChangeList, "The requests"),
+                ),
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "path",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                ],
+            }
+        },
+        "/changes/{id}": {
+            "parameters": [_CHANGE_ID],
+            "get": _operation("getChange", "One change request (404 if not visible)", view),
+        },
+        "/changes/{id}:approve": _change_action(
+            "approveChange", "Approve (secrets:approve; never the requester: 403 self_approval)"
+        ),
+        "/changes/{id}:reject": _change_action("rejectChange", "Reject (secrets:approve)"),
+        "/changes/{id}:cancel": _change_action("cancelChange", "Cancel (the requester)"),
+        "/changes/{id}:apply": {
+            "parameters": [_CHANGE_ID],
+            "post": _operation(
+                "applyChange",
+                "Apply with CAS on base_version (the requester or an approver, once approved); "
+                "if the secret moved on, 409 version_conflict and the request turns stale",
+                view,
+                errors={
+                    "409": _json(ConflictError, "version_conflict (stale) or change_conflict"),
+                    "422": _json(InvalidSecretError, "invalid_secret: validation at apply"),
+                },
+            ),
+        },
+    }
+
+
 def _delete_operation() -> dict[str, Any]:
     return _operation(
         "deleteSecretVersions",
         "Soft-delete the current version, or those in ?versions=1,2 (secrets:write)",
         _json(LifecycleResponse, "The versions deleted"),
+        errors=_APPROVAL_REQUIRED,
         parameters=[
             {
                 "name": "versions",

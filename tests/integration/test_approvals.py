@@ -244,7 +244,7 @@ async def test_a_stale_request_is_refused_and_never_overwrites(cluster: Cluster)
 async def test_every_covered_change_route_answers_428_without_a_request(cluster: Cluster) -> None:
     path = fresh()
     await cluster.create(path, {"password": "Old-password-1234567"})
-    routes = [
+    routes: list[tuple[str, str, dict[str, Any]]] = [
         ("PATCH", f"/secrets/{path}", {"json": {"data": {"password": CANARY}, "version": 1}}),
         ("DELETE", f"/secrets/{path}", {}),
         ("POST", f"/secrets/{path}:undelete", {"json": {"versions": [1]}}),

@@ -101,11 +101,15 @@ async def test_a_proposal_approved_by_another_is_applied_and_its_value_never_pri
     applied = await ctl("apply", change_id)
     assert applied.code == 0, applied
     assert (applied.json["state"], applied.json["applied_version"]) == ("applied", 1)
+    # A retried apply answers the same request and writes nothing more.
     again = await ctl("apply", change_id)
-    assert again.code == 4 and again.error["error"] == "change_conflict", again
+    assert again.code == 0 and again.json["applied_version"] == 1, again
+    late = await ctl("approve", change_id, who="reader")
+    assert late.code == 4 and late.error["error"] == "change_conflict", late
 
     got = await ctl("get", path, who="reader")
     assert got.code == 0 and got.json["data"] == {"password": CANARY}, got
+    assert got.json["version"] == 1
 
     listed = await ctl("changes", "--state", "applied")
     assert listed.code == 0, listed
@@ -119,7 +123,7 @@ async def test_a_proposal_approved_by_another_is_applied_and_its_value_never_pri
     assert shown.json["fields"] == ["password"]
     assert shown.json["state"] == "applied" and shown.json["reason"] == "new key"
     # The value was only ever read back by `get`: no other answer or error carries it.
-    steps = (proposed, own, early, approved, applied, again, listed, by_path, shown)
+    steps = (proposed, own, early, approved, applied, again, late, listed, by_path, shown)
     assert CANARY not in printed(*steps)
 
 

@@ -25,9 +25,9 @@ import pytest
 from aiohttp import web
 from nats.js import JetStreamContext
 
-from devstack import NatsEndpoint, free_port
+from devstack import NatsEndpoint, NatsServer, free_port
 from events.bus import ensure_stream
-from events.subjects import encode_path
+from events.subjects import approvals_subject
 from examples.webhook_notifier import NotifierOptions, WebhookNotifier
 from schemas.approvals import (
     ApprovalEvent,
@@ -36,10 +36,11 @@ from schemas.approvals import (
     ChangeProposed,
     approval_event_encoder,
 )
-from tests.support import eventually
+from tests.support import LogCapture, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"webhook-signing-key-for-tests"
+README_HEADING = "Notifications (webhook example)\n"
 
 
 @dataclass
@@ -84,8 +85,9 @@ class Bus:
         """Publish as the service does, on the subject of the event's path (or of `path`)."""
         data = event if isinstance(event, bytes) else approval_event_encoder.encode(event)
         subject_path = path if path is not None else getattr(event, "path", "")
-        subject = f"{self.prefix}.approvals.{encode_path(subject_path)}"
-        await self.js.publish(subject, data, stream=self.stream)
+        await self.js.publish(
+            approvals_subject(self.prefix, subject_path), data, stream=self.stream
+        )
 
 
 @pytest.fixture
@@ -306,3 +308,50 @@ async def test_the_command_delivers_signed_events_and_stops_cleanly_on_sigterm(
 async def _acked(bus: Bus, durable: str) -> bool:
     info = await bus.js.consumer_info(bus.stream, durable)
     return info.ack_floor.stream_seq == 1 if info.ack_floor else False
+
+
+def readme_grants() -> str:
+    """The nats-server user block the README gives the notifier (the first block after its
+    heading), its password variable left in."""
+    section = (ROOT / "README.md").read_text().split(README_HEADING, 1)[1]
+    return section.split("```\n", 2)[1]
+
+
+async def test_the_readme_grants_are_all_a_notifier_needs(
+    nats: NatsEndpoint, receiver: Receiver, tmp_path: Path
+) -> None:
+    del nats  # only for its skip when nats-server is missing: this test runs its own server
+    password = uuid.uuid4().hex
+    notifier_user = readme_grants().replace("$WEBHOOK_NOTIFIER_NATS_PASSWORD", json.dumps(password))
+    admin = '{ user: admin, password: "admin-pw" }'
+    server = NatsServer(
+        config=f"authorization {{ users = [ {admin}\n{notifier_user} ] }}",
+        log_path=tmp_path / "nats.log",
+    )
+    server.start()
+    nc = None
+    try:
+        nc = await nats_client.connect(f"nats://admin:admin-pw@127.0.0.1:{server.port}")
+        published = Bus(nc.jetstream(), "secrets", "SECRETS_APPROVALS")
+        await ensure_stream(published.js, "secrets", name="SECRETS_APPROVALS", kind="approvals")
+        opts = NotifierOptions(
+            servers=[f"nats://notifier:{password}@127.0.0.1:{server.port}"],
+            webhook=receiver.url,
+            durable="approvals-webhook",  # the README's defaults: prefix, stream, this durable
+        )
+        with LogCapture() as logs:
+            async with running(opts) as notifier:
+                proposed = event()
+                await published.publish(proposed)
+                await eventually(lambda: notifier.delivered == 1)
+            async with running(opts) as restarted:  # the durable exists now: INFO, not CREATE
+                await published.publish(later := event(ChangeApproved, approvals=1))
+                await eventually(lambda: restarted.delivered == 1)
+        assert receiver.event_ids == [proposed.event_id, later.event_id]
+        assert "Permissions Violation" not in logs.text
+        assert "Permissions Violation" not in (tmp_path / "nats.log").read_text(errors="replace")
+        assert password not in logs.text
+    finally:
+        if nc is not None:
+            await nc.close()
+        server.stop()
