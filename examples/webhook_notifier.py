@@ -104,6 +104,8 @@ class WebhookNotifier:
 
     def __init__(self, options: NotifierOptions, http: httpx.AsyncClient | None = None) -> None:
         approvals_subject(options.prefix, "probe")  # ValueError for a prefix the bus refuses
+        if options.max_deliver < 1 or options.retry_delay < 0 or options.timeout <= 0:
+            raise ValueError("max_deliver is at least 1, retry_delay and timeout positive")
         if options.credentials is not None:
             try:
                 check_credentials(options.credentials)
@@ -190,21 +192,21 @@ class WebhookNotifier:
         event = self._decode(msg)
         if event is None:
             self.skipped += 1
-            await self._settle(msg, msg.ack_sync)
+            await self._settle(msg.ack_sync)
             return
         if await self._post(event):
-            if await self._settle(msg, msg.ack_sync):
+            if await self._settle(msg.ack_sync):
                 self.delivered += 1
                 log.info("event %d delivered: %s", sequence, event_text(event))
         elif attempt >= self.options.max_deliver:
             self.dropped += 1
             log.error("webhook failed %d times: event %s dropped", attempt, event.event_id)
-            await self._settle(msg, msg.term)
+            await self._settle(msg.term)
         else:
             delay = min(self.options.retry_delay * 2 ** (attempt - 1), self.options.max_delay)
             log.warning("webhook failed (attempt %d): event %d again in %.1fs",
                         attempt, sequence, delay)  # fmt: skip
-            await self._settle(msg, lambda: msg.nak(delay=delay))
+            await self._settle(lambda: msg.nak(delay=delay))
 
     def _decode(self, msg: Msg) -> ApprovalEvent | None:
         """The event, or None (logged) if it is not one this version knows, or names a path
@@ -247,7 +249,7 @@ class WebhookNotifier:
         log.warning("webhook at %s answered %d", self._host, response.status_code)
         return False
 
-    async def _settle(self, msg: Msg, how: Callable[[], Awaitable[object]]) -> bool:
+    async def _settle(self, how: Callable[[], Awaitable[object]]) -> bool:
         """Ack, nak or term; False (logged) if NATS did not take it: the event comes again."""
         try:
             await how()

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from schemas.approvals import (
+    APPROVAL_EVENT_TYPES,
     ApprovalEvent,
     ChangeApplied,
     ChangeApproved,
@@ -83,7 +84,8 @@ class Approvals:
         self.store = store or ChangeStore(manager.backend)
         self.events = events
         self.clock = clock
-        self.expired = 0  # requests this instance turned expired (a plain int, for metrics)
+        # Transitions this instance made, by event type (plain ints, read at scrape time).
+        self.transitions: dict[str, int] = dict.fromkeys(APPROVAL_EVENT_TYPES, 0)
 
     def rule_for(self, path: str) -> ApprovalRule | None:
         return self.rules.rule_for(path)
@@ -333,7 +335,6 @@ class Approvals:
             version = await self.store.save(request, version)
         except Raced:
             return await self.store.load(request.id)  # another instance decided first
-        self.expired += 1
         self._announce_request(ChangeExpired, request, "expiry")
         return request, version
 
@@ -372,6 +373,8 @@ class Approvals:
         )
 
     def _announce(self, kind: EventFactory, **fields: Any) -> None:
+        tag = str(kind.__struct_config__.tag)  # type: ignore[attr-defined]
+        self.transitions[tag] = self.transitions.get(tag, 0) + 1
         if self.events is None:
             return
         self.events.publish_approval(

@@ -150,7 +150,12 @@ async def _open(
             # Every instance sweeps; each request turns expired once (a CAS write of its own).
             await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))
         metrics.bind(
-            manager=manager, bus=events, audit=audit, rotation=rotation, scheduler=scheduler
+            manager=manager,
+            bus=events,
+            audit=audit,
+            rotation=rotation,
+            scheduler=scheduler,
+            approvals=approvals,
         )
         if settings.metrics_port:
             await _serve_metrics(stack, metrics, settings.host, settings.metrics_port)

@@ -21,6 +21,7 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_rotations_total{outcome}             secrets_rotation_attempts_total{outcome}
     secrets_rotation_last_success_timestamp_seconds
     secrets_rotations_overdue                    secrets_rotations_stalled
+    secrets_change_transitions_total{type}
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from schemas.audit import OPS, OUTCOMES
 
 if TYPE_CHECKING:
     from events.bus import EventBus
+    from service.approvals.workflow import Approvals
     from service.audit.log import AuditLog
     from service.core.manager import SecretsManager
     from service.rotation.coordinator import Coordinator
@@ -118,11 +120,12 @@ class Metrics:
         audit: AuditLog | None = None,
         rotation: Coordinator | None = None,
         scheduler: Scheduler | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         """Read the plain counters of these objects at each scrape (once per app)."""
         if self._collector is not None:
             self.registry.unregister(self._collector)
-        self._collector = _StateCollector(manager, bus, audit, rotation, scheduler)
+        self._collector = _StateCollector(manager, bus, audit, rotation, scheduler, approvals)
         self.registry.register(self._collector)
         if bus is not None:
             bus.lag_observer = self.event_lag.observe
@@ -175,12 +178,14 @@ class _StateCollector(Collector):
         audit: AuditLog | None,
         rotation: Coordinator | None = None,
         scheduler: Scheduler | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.audit = audit
         self.rotation = rotation
         self.scheduler = scheduler
+        self.approvals = approvals
 
     def collect(self) -> Iterator[Metric]:
         cache = self.manager.cache
@@ -252,6 +257,13 @@ class _StateCollector(Collector):
             )
         if self.rotation is not None:
             yield from _rotation_metrics(self.rotation, self.scheduler)
+        if self.approvals is not None:
+            yield _labelled(
+                "secrets_change_transitions",
+                "Change-request transitions this instance made, by event type",
+                "type",
+                self.approvals.transitions,
+            )
 
 
 def _rotation_metrics(rotation: Coordinator, scheduler: Scheduler | None) -> Iterator[Metric]:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack import DEV_POLICY_TOML, NatsEndpoint, OidcIssuer, OpenBaoEndpoint, free_port
 from events.bus import AUDIT_STREAM, EventBus
 from events.bus import DROP_REASONS as EVENT_DROP_REASONS
+from schemas.approvals import APPROVAL_EVENT_TYPES
 from schemas.audit import OPS, OUTCOMES, AuditRecord, audit_decoder
 from service.audit.log import DROP_REASONS
 from service.auth.principal import REASONS
@@ -222,6 +223,7 @@ async def test_every_label_value_comes_from_a_closed_set(svc: Svc) -> None:
         "stage": frozenset({"publish", "decode"}),
         "sink": frozenset({"stdout", "file", "nats"}),
         "result": frozenset({"written", "failed"}),
+        "type": frozenset(APPROVAL_EVENT_TYPES),
     }
     dropped = {  # families whose `reason` is their own, not an authentication reason
         "secrets_audit_dropped": frozenset(DROP_REASONS),

@@ -19,16 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import nats as nats_client
 import pytest
 from aiohttp import web
 from nats.js import JetStreamContext
 
-from devstack import NatsEndpoint, NatsServer, free_port
+from devstack import NatsEndpoint, NatsServer, OidcIssuer, OpenBaoEndpoint, free_port
 from events.bus import ensure_stream
 from events.subjects import approvals_subject
-from examples.webhook_notifier import NotifierOptions, WebhookNotifier
+from examples.webhook_notifier import NotifierOptions, WebhookNotifier, sign
 from schemas.approvals import (
     ApprovalEvent,
     ChangeApplied,
@@ -36,11 +37,32 @@ from schemas.approvals import (
     ChangeProposed,
     approval_event_encoder,
 )
-from tests.support import LogCapture, eventually
+from tests.support import (
+    LogCapture,
+    bearer,
+    eventually,
+    running_service,
+    service_settings,
+    write_policy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"webhook-signing-key-for-tests"
 README_HEADING = "Notifications (webhook example)\n"
+POLICY = """\
+[roles.app-reader]
+read = ["prod/**"]
+approve = ["prod/**"]
+
+[roles.app-writer]
+read = ["prod/**"]
+write = ["prod/**"]
+
+[[approvals.rules]]
+paths = ["prod/**"]
+required = 1
+expires = "1h"
+"""
 
 
 @dataclass
@@ -355,3 +377,48 @@ async def test_the_readme_grants_are_all_a_notifier_needs(
         if nc is not None:
             await nc.close()
         server.stop()
+
+
+async def test_a_proposal_made_over_http_reaches_the_webhook_as_the_service_announces_it(
+    openbao: OpenBaoEndpoint,
+    nats: NatsEndpoint,
+    oidc: OidcIssuer,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    settings = service_settings(openbao, nats, oidc, write_policy(tmp_path, POLICY))
+    tokens = {who: oidc.mint(who) for who in ("reader", "writer")}
+    path, canary = f"prod/wh-{uuid.uuid4().hex[:8]}/db", f"canary-{uuid.uuid4().hex}"
+    durable = f"e2e-{uuid.uuid4().hex[:8]}"
+    opts = NotifierOptions(
+        servers=[nats.url], webhook=receiver.url, prefix=settings.nats_prefix, durable=durable,
+        secret=SECRET,
+    )  # fmt: skip
+    async with (
+        running_service(settings) as svc,  # it makes SECRETS_APPROVALS at its start
+        running(opts) as notifier,
+        httpx.AsyncClient(base_url=svc.url, timeout=15) as client,
+    ):
+        body = {"data": {"password": canary}, "version": 0, "reason": "new database"}
+        proposed = await client.post(
+            f"/secrets/{path}:propose", json=body, headers=bearer(tokens["writer"])
+        )
+        assert proposed.status_code == 201, proposed.text
+        change = proposed.json()["id"]
+        approved = await client.post(f"/changes/{change}:approve", headers=bearer(tokens["reader"]))
+        assert approved.status_code == 200, approved.text
+        await eventually(lambda: notifier.delivered == 2)
+    nc = await nats_client.connect(nats.url)
+    try:  # the durable outlives the notifier, by design: this test's is removed
+        await nc.jetstream().delete_consumer(opts.stream, durable)
+    finally:
+        await nc.close()
+    mine = [r for r in receiver.requests if r.json["event"]["path"] == path]
+    assert [r.json["event"]["type"] for r in mine] == ["change.proposed", "change.approved"]
+    first, second = (r.json["event"] for r in mine)
+    assert (first["id"], first["state"], first["required"]) == (change, "pending", 1)
+    assert (second["state"], second["approvals"]) == ("approved", 1)
+    assert mine[0].json["text"].startswith(f"change.proposed {path}: pending by ")
+    for request in mine:
+        assert request.headers["X-Signature"] == sign(SECRET, request.body)
+        assert canary.encode() not in request.body
