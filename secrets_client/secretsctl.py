@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("put", "delete", "undelete", "destroy", "rollback", "rotate"):
         sub.choices[name].add_argument(
             "--bypass-reason",
-            type=_reason,
+            type=_bypass_reason,
             metavar="TEXT",
             help="break glass on a path under an approval rule (needs secrets:bypass): "
             "change it without a change request, audited with this reason",
@@ -485,12 +485,17 @@ def _nonnegative(raw: str) -> int:
     return int(raw)
 
 
-def _reason(raw: str) -> str:
-    # A header for --bypass-reason: the client refuses what is not printable ASCII there.
+def _reason(raw: str, limit: int = 1000) -> str:
     text = raw.strip()
-    if not text or len(text) > 1000:
-        raise argparse.ArgumentTypeError("must be 1 to 1000 characters, not blank")
+    if not text or len(text) > limit:
+        raise argparse.ArgumentTypeError(f"must be 1 to {limit} characters, not blank")
     return text
+
+
+def _bypass_reason(raw: str) -> str:
+    # A header (X-Bypass-Reason), as the service takes it; the client refuses what is not
+    # printable ASCII there.
+    return _reason(raw, 500)
 
 
 def _version_list(raw: str) -> list[int]:

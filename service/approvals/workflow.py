@@ -128,16 +128,13 @@ class Approvals:
         violations = self.manager.validator.violations(path, proposed)
         if violations:
             raise InvalidSecret(violations, path=path)
-        if version == 0:
-            base: Mapping[str, Any] = {}
-            current = await self._current_version(path)
-        else:
+        current = await self.manager.backend.current_version(path)
+        base: Mapping[str, Any] = {}
+        if version > 0 and current == version:
             try:
-                secret = await self.manager.backend.read(path)
+                base = (await self.manager.backend.read(path, version)).data
             except NotFound:
-                secret = None
-            current = 0 if secret is None else secret.version
-            base = {} if secret is None else secret.data
+                pass  # the current version is deleted: every proposed field counts as new
         if current != version:
             raise VersionConflict(
                 f"the current version is {current}, not {version}",
@@ -346,9 +343,6 @@ class Approvals:
         except NotFound:
             return None
         return after.version if dict(after.data) == request.data else None
-
-    async def _current_version(self, path: str) -> int:
-        return await self.manager.backend.current_version(path)
 
     @staticmethod
     def _require_open(request: ChangeRequest, action: str) -> None:
