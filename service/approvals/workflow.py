@@ -49,6 +49,7 @@ from service.approvals.store import (
     Raced,
     content_digest,
 )
+from service.audit.log import AuditLog
 from service.core.manager import SecretsManager
 
 __all__ = ["FINAL_STATES", "MAX_LISTED", "ApprovalSink", "Approvals"]
@@ -77,12 +78,14 @@ class Approvals:
         *,
         store: ChangeStore | None = None,
         events: ApprovalSink | None = None,
+        audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.manager = manager
         self.rules = rules
         self.store = store or ChangeStore(manager.backend)
         self.events = events
+        self.audit = audit
         self.clock = clock
         # Transitions this instance made, by event type (plain ints, read at scrape time).
         self.transitions: dict[str, int] = dict.fromkeys(APPROVAL_EVENT_TYPES, 0)
@@ -333,6 +336,24 @@ class Approvals:
         except Raced:
             return await self.store.load(request.id)  # another instance decided first
         self._announce_request(ChangeExpired, request, "expiry")
+        if self.audit is not None:  # no request made this transition: its own record
+            self.audit.submit(
+                self.audit.record(
+                    request_id=uuid.uuid4().hex,
+                    op="expire",
+                    method="SCHEDULE",
+                    path=request.path,
+                    version=None,
+                    allowed=True,
+                    outcome="ok",
+                    status=200,
+                    reason=None,
+                    sub=None,
+                    client_id=None,
+                    source=None,
+                    change_id=request.id,
+                )
+            )
         return request, version
 
     async def _landed(self, request: ChangeRequest) -> int | None:

@@ -145,7 +145,7 @@ async def _open(
             # Also where no rule has a schedule: it resumes runs whose instance died.
             scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
             await _run_in_background(stack, scheduler.run())
-        approvals = Approvals(manager, approval_rules, events=events)
+        approvals = Approvals(manager, approval_rules, events=events, audit=audit)
         if approval_rules.rules:
             # Every instance sweeps; each request turns expired once (a CAS write of its own).
             await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))

@@ -311,6 +311,13 @@ async def test_a_request_past_its_time_expires_and_cannot_be_applied(cluster: Cl
     await eventually(lambda: any(e.state == "expired" for e in cluster.events(path)))
     assert sum(e.state == "expired" for e in cluster.events(path)) == 1  # one instance's CAS
 
+    def expiry_records() -> list[dict[str, Any]]:
+        lines = cluster.audit[0].read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r.get("change_id") == change["id"]]
+
+    await eventually(lambda: any(r["op"] == "expire" for r in expiry_records()))
+    assert [r["method"] for r in expiry_records() if r["op"] == "expire"] == ["SCHEDULE"]
+
 
 async def test_validation_runs_again_at_apply(cluster: Cluster) -> None:
     path = fresh()
