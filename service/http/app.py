@@ -51,8 +51,9 @@ def create_app(
             # not take.
             Route("/secrets/{rest:path}", secret_endpoint, methods=HTTP_METHODS),
             Route("/secrets:list", secret_endpoint, methods=HTTP_METHODS),  # the top of the tree
-            Route("/changes", changes.changes_endpoint, methods=["GET"]),
-            Route("/changes/{rest:path}", changes.change_endpoint, methods=["GET", "POST"]),
+            # These answer 405 themselves too (JSON, with the exact Allow).
+            Route("/changes", changes.changes_endpoint, methods=HTTP_METHODS),
+            Route("/changes/{rest:path}", changes.change_endpoint, methods=HTTP_METHODS),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", ops.metrics, methods=["GET"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from schemas.api import ErrorBody
 from schemas.approvals import CHANGE_STATES, ChangeList, propose_request_decoder
 from schemas.errors import Forbidden, InvalidRequest, NotFound
 from schemas.paths import validate_path
@@ -20,7 +21,7 @@ from service.auth import Policy, Principal
 from service.auth.policy import APPROVE, READ, WRITE
 from service.http.access import authenticate, require, start_op
 from service.http.body import read_json
-from service.http.responses import json_response
+from service.http.responses import NO_STORE, json_response
 from service.http.trace import trace_of
 
 __all__ = ["change_endpoint", "changes_endpoint", "propose"]
@@ -42,6 +43,8 @@ async def propose(request: Request, principal: Principal, path: str) -> Response
 
 async def changes_endpoint(request: Request) -> Response:
     """GET /changes[?state=&path=]: the requests the caller may see, newest first."""
+    if request.method not in ("GET", "HEAD"):
+        return _not_allowed("/changes", ["GET", "HEAD"])
     principal = await authenticate(request)
     start_op(request, "changes")
     state = request.query_params.get("state")
@@ -59,15 +62,16 @@ async def changes_endpoint(request: Request) -> Response:
 
 async def change_endpoint(request: Request) -> Response:
     """GET /changes/{id} and POST /changes/{id}:verb."""
-    principal = await authenticate(request)
     rest: str = request.path_params["rest"]
     change_id, _, verb = rest.partition(":")
-    op = "changes" if request.method in ("GET", "HEAD") else verb
-    if request.method in ("GET", "HEAD") and verb:
-        raise NotFound(f"no method ':{verb}' for GET")
-    if request.method == "POST" and verb not in _VERBS:
-        raise NotFound(f"no method ':{verb}'" if verb else "POST needs a method, like :approve")
-    start_op(request, op if op in _VERBS or op == "changes" else "other")
+    if verb and verb not in _VERBS:
+        raise NotFound(f"no method ':{verb}'")
+    allowed = ["POST"] if verb else ["GET", "HEAD"]
+    if request.method not in allowed:
+        return _not_allowed(f"':{verb}'" if verb else "a change request", allowed)
+    principal = await authenticate(request)
+    op = verb or "changes"
+    start_op(request, op)
     if ID_FORMAT.fullmatch(change_id) is None or not request.scope["path"].endswith(rest):
         raise NotFound("no such change request")
     trace = trace_of(request)
@@ -98,6 +102,11 @@ async def change_endpoint(request: Request) -> Response:
         change = await approvals.apply(change_id, actor)
         trace.version = change.applied_version
     return json_response(change.view())
+
+
+def _not_allowed(what: str, allowed: list[str]) -> Response:
+    body = ErrorBody("method_not_allowed", f"{what} allows {', '.join(allowed)}")
+    return json_response(body, status=405, headers={"Allow": ", ".join(allowed), **NO_STORE})
 
 
 def _visible(request: Request, principal: Principal, change: ChangeRequest) -> bool:

@@ -363,3 +363,18 @@ async def test_listings_show_changed_field_names_only_to_those_who_may_see_the_p
     assert cancel.status_code == 403  # only the requester
     cancelled = await cluster.call("POST", f"/changes/{change['id']}:cancel", "writer")
     assert cancelled.json()["state"] == "cancelled" and cancelled.json()["decided_by"]
+
+
+async def test_a_wrong_method_is_a_json_405_naming_what_is_allowed(cluster: Cluster) -> None:
+    some_id = uuid.uuid4().hex
+    for method, target, allow in [
+        ("POST", "/changes", "GET, HEAD"),
+        ("DELETE", f"/changes/{some_id}", "GET, HEAD"),
+        ("GET", f"/changes/{some_id}:approve", "POST"),
+    ]:
+        response = await cluster.call(method, target, "reader")
+        assert response.status_code == 405, (method, target)
+        assert response.headers["allow"] == allow
+        assert response.json()["error"] == "method_not_allowed"
+    unknown = await cluster.call("POST", f"/changes/{some_id}:merge", "reader")
+    assert unknown.status_code == 404

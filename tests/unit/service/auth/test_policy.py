@@ -12,7 +12,16 @@ import pytest
 from schemas.errors import ConfigError
 from schemas.globs import PathGlob
 from schemas.paths import MAX_PATH_LENGTH, MAX_SEGMENTS
-from service.auth.policy import DESTROY, PERMISSIONS, READ, ROTATE, WRITE, Policy
+from service.auth.policy import (
+    APPROVE,
+    BYPASS,
+    DESTROY,
+    PERMISSIONS,
+    READ,
+    ROTATE,
+    WRITE,
+    Policy,
+)
 
 CONTRACT_POLICY = """
 [auth]
@@ -268,7 +277,15 @@ def test_the_permission_names_are_the_contract_scopes() -> None:
         "secrets:destroy",
         "secrets:rotate",
     )
-    assert PERMISSIONS == {"read": READ, "write": WRITE, "destroy": DESTROY, "rotate": ROTATE}
+    assert (APPROVE, BYPASS) == ("secrets:approve", "secrets:bypass")
+    assert PERMISSIONS == {
+        "read": READ,
+        "write": WRITE,
+        "destroy": DESTROY,
+        "rotate": ROTATE,
+        "approve": APPROVE,
+        "bypass": BYPASS,
+    }
 
 
 def test_no_role_is_granted_the_services_own_folder_whatever_its_globs() -> None:
