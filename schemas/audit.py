@@ -20,7 +20,7 @@ __all__ = [
     "outcome_for",
 ]
 
-READ_OPS = frozenset({"read", "list", "versions", "rotation", "changes"})
+READ_OPS = frozenset({"read", "list", "versions", "rotation", "changes", "watch"})
 """Ops that change nothing: audited, but a fail-closed audit log set to `writes` lets them by."""
 
 OPS = READ_OPS | {

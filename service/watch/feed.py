@@ -1,0 +1,211 @@
+"""`WatchFeed`: the change stream (JetStream `SECRETS_EVENTS`) fanned out to the HTTP watch
+streams of this instance, each filtered by its prefix and by what its caller may read.
+
+One ordered push consumer per instance reads every new event, whatever the number of streams:
+a thousand idle streams cost a thousand small queues, not a thousand consumers. A stream that
+resumes (`Last-Event-ID`) first replays the stored events after that sequence with an ordered
+consumer of its own, while live events queue behind; those it already replayed are skipped, so
+nothing is missed and nothing comes twice. Each stream's queue is bounded: a reader too slow to
+keep up is cut off (`overflow`) rather than buffered without limit, and resumes where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.errors import Error as NatsError
+from nats.js import api as js_api
+from nats.js.errors import Error as JsError
+
+from events.bus import CHANGE_STREAM, EventBus, check_event
+from events.subjects import path_from_subject
+from schemas.errors import BackendUnavailable, SecretsError
+from schemas.events import ChangeEvent, event_decoder
+
+__all__ = ["STOP", "Frame", "TooManyStreams", "Watch", "WatchFeed"]
+
+log = logging.getLogger("secrets.watch")
+
+Frame = tuple[int, str, bytes]
+"""(stream sequence, event type, the event's JSON): one SSE event to send."""
+STOP: Frame = (-1, "", b"")
+"""Queued by `Watch.stop`: the writer ends the stream with `end: shutdown`."""
+
+
+class TooManyStreams(SecretsError):
+    status = 429
+    code = "too_many_streams"
+
+
+@dataclass(eq=False)
+class Watch:
+    """One HTTP watch stream: what it wants, and the queue of what it gets."""
+
+    caller: str
+    prefix: str
+    may_read: Callable[[str], bool]
+    queue: asyncio.Queue[Frame]
+    floor: int = 0  # events at or below this sequence were sent already (by a replay)
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wants(self, path: str) -> bool:
+        prefix = self.prefix
+        if prefix and not (path == prefix or path.startswith(prefix + "/")):
+            return False
+        return self.may_read(path)
+
+    def stop(self) -> None:
+        """The service stops: the writer sends what is queued, then `end: shutdown`."""
+        try:
+            self.queue.put_nowait(STOP)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+    def offer(self, frame: Frame, path: str) -> None:
+        if frame[0] <= self.floor or self.overflowed.is_set() or not self.wants(path):
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.overflowed.set()  # the writer ends the stream; the reader resumes from its id
+
+
+class WatchFeed:
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        max_streams: int = 2000,
+        max_per_caller: int = 16,
+        queue_size: int = 256,
+    ) -> None:
+        self.bus = bus
+        self.max_streams = max_streams
+        self.max_per_caller = max_per_caller
+        self.queue_size = queue_size
+        self.watches: set[Watch] = set()
+        self._per_caller: dict[str, int] = {}
+        self._sub: Any = None
+        self.overflows = 0  # streams cut off for being slow (a plain int, for metrics)
+
+    @property
+    def ready(self) -> bool:
+        return self._sub is not None and self.bus.connected
+
+    async def start(self) -> None:
+        """Subscribe to new change events (an ordered consumer: it re-creates itself after a
+        gap or a reconnect)."""
+        js = self.bus.js
+        if js is None:
+            raise BackendUnavailable("NATS is not connected")
+        self._sub = await js.subscribe(
+            f"{self.bus.prefix}.changed.>",
+            stream=CHANGE_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.NEW,
+            cb=self._on_message,
+        )
+
+    async def aclose(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except (NatsError, JsError):
+                pass
+
+    def open(self, caller: str, prefix: str, may_read: Callable[[str], bool]) -> Watch:
+        """Register a stream; TooManyStreams (429) beyond the instance's or the caller's bound."""
+        if len(self.watches) >= self.max_streams:
+            raise TooManyStreams("this instance serves as many watch streams as it may")
+        if self._per_caller.get(caller, 0) >= self.max_per_caller:
+            raise TooManyStreams(f"at most {self.max_per_caller} watch streams per caller")
+        watch = Watch(caller, prefix, may_read, asyncio.Queue(self.queue_size))
+        self.watches.add(watch)
+        self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
+        return watch
+
+    def stop_all(self) -> None:
+        """End every stream (the service stops); each writer sends `end: shutdown`."""
+        for watch in list(self.watches):
+            watch.stop()
+
+    def close(self, watch: Watch) -> None:
+        if watch in self.watches:
+            self.watches.discard(watch)
+            left = self._per_caller.get(watch.caller, 1) - 1
+            if left:
+                self._per_caller[watch.caller] = left
+            else:
+                self._per_caller.pop(watch.caller, None)
+            if watch.overflowed.is_set():
+                self.overflows += 1
+
+    async def _on_message(self, msg: Any) -> None:
+        decoded = self._decode(msg.data, msg.subject)
+        if decoded is None:
+            return
+        event, kind = decoded
+        frame = (msg.metadata.sequence.stream, kind, msg.data)
+        for watch in list(self.watches):
+            watch.offer(frame, event.path)
+
+    def _decode(self, data: bytes, subject: str) -> tuple[ChangeEvent, str] | None:
+        """The event and its type, if it is well formed and its path is its subject's: what the
+        bus would drop is not sent either."""
+        try:
+            event = event_decoder.decode(data)
+            if path_from_subject(self.bus.prefix, subject) != event.path:
+                return None
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            return None
+        if check_event(event) is not None:
+            return None
+        return event, str(event.__struct_config__.tag)
+
+    async def replay(self, watch: Watch, after: int) -> AsyncIterator[Frame | int]:
+        """The stored events after sequence `after` that `watch` wants, oldest first; then its
+        floor is the last sequence looked at. An int instead of a frame means the stream no
+        longer holds what came right after `after`: it is the first sequence it still has."""
+        js = self.bus.js
+        if js is None:
+            raise BackendUnavailable("NATS is not connected")
+        info = await js.stream_info(CHANGE_STREAM)
+        first, last = info.state.first_seq, info.state.last_seq
+        if after + 1 < first or after > last:
+            yield first  # a gap, or a sequence from another stream: the client starts over
+            watch.floor = last
+            return
+        watch.floor = after
+        if after >= last:
+            return
+        sub = await js.subscribe(
+            f"{self.bus.prefix}.changed.>",
+            stream=CHANGE_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            config=js_api.ConsumerConfig(opt_start_seq=after + 1),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5.0)
+                except TimeoutError:
+                    break
+                sequence = msg.metadata.sequence.stream
+                decoded = self._decode(msg.data, msg.subject)
+                if decoded is not None and watch.wants(decoded[0].path):
+                    yield (sequence, decoded[1], msg.data)
+                watch.floor = sequence
+                if msg.metadata.num_pending == 0 or sequence >= last:
+                    break
+        finally:
+            try:
+                await sub.unsubscribe()
+            except (NatsError, JsError):
+                pass
