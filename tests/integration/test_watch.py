@@ -245,6 +245,7 @@ async def test_streams_per_caller_are_bounded(stack: Stack) -> None:
         refused = await stack.client.get("/secrets:watch", headers=headers)
         assert refused.status_code == 429
         assert refused.json()["error"] == "too_many_streams"
+        assert refused.headers["retry-after"] == "1"
     feed = stack.svc.state.watch_feed
     await eventually(lambda: not any(w.caller == "greedy" for w in feed.watches))
 
