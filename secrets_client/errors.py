@@ -6,12 +6,22 @@ else in `secrets_client` raises an httpx type.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
 
-__all__ = ["ClientError", "error_from_response", "error_from_transport"]
+__all__ = [
+    "MAX_REFUSAL",
+    "ClientError",
+    "aread_refusal",
+    "error_from_response",
+    "error_from_transport",
+    "read_refusal",
+]
+
+MAX_REFUSAL = 64 * 1024  # bytes of a refused watch request's body read for its error
 
 
 class ClientError(Exception):
@@ -42,10 +52,11 @@ class ClientError(Exception):
         self.retry_after: float | None = None  # from a 429's or 503's Retry-After header
 
 
-def error_from_response(response: httpx.Response) -> ClientError:
-    """The `ClientError` for an answer that is not a success; its body must have been read."""
+def error_from_response(response: httpx.Response, content: bytes | None = None) -> ClientError:
+    """The `ClientError` for an answer that is not a success: its body must have been read, or
+    be given as `content` (the start of a streamed one)."""
     try:
-        body = response.json()
+        body = json.loads(response.content if content is None else content)
     except ValueError:
         body = None
     fields: dict[str, Any] = body if isinstance(body, dict) else {}
@@ -66,6 +77,31 @@ def error_from_transport(exc: httpx.TransportError, url: str, timeout: float) ->
     if isinstance(exc, httpx.TimeoutException):
         return ClientError("timeout", f"no answer from {url} within {timeout}s")
     return ClientError("unreachable", f"cannot reach {url}: {type(exc).__name__}")
+
+
+def read_refusal(response: httpx.Response, limit: int = MAX_REFUSAL) -> ClientError:
+    """The `ClientError` for a streamed answer that is not a 200, reading no more than `limit`
+    bytes of its body (what a refusal says fits; a hostile server's endless one is cut)."""
+    return error_from_response(response, _head(response.iter_bytes(), limit))
+
+
+async def aread_refusal(response: httpx.Response, limit: int = MAX_REFUSAL) -> ClientError:
+    """`read_refusal` for an async response."""
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) >= limit:
+            break
+    return error_from_response(response, bytes(content[:limit]))
+
+
+def _head(chunks: Iterable[bytes], limit: int) -> bytes:
+    content = bytearray()
+    for chunk in chunks:
+        content += chunk
+        if len(content) >= limit:
+            break
+    return bytes(content[:limit])
 
 
 def _seconds(value: str | None) -> float | None:

@@ -1,5 +1,5 @@
 """Server-Sent Events: an incremental decoder of a `text/event-stream` body, as the WHATWG HTML
-standard's "event stream interpretation" says, with bounds on what a hostile stream can make it hold.
+standard's "event stream interpretation" says, bounding what a hostile stream can make it hold.
 
 Fed the raw bytes as they arrive (`SSEDecoder.feed`), it returns the events each chunk completes.
 Lines end with CRLF, LF or CR (a CRLF split between two chunks is one line end); a line starting
@@ -39,9 +39,10 @@ class ServerSentEvent(NamedTuple):
 
 
 class SSEDecoder:
-    """`feed(chunk)` -> the events completed; `last_event_id` and `retry` as the stream set them.
+    """`feed(chunk)` -> the events completed; `last_event_id` and `retry` as the stream set them
+    (an ``id`` counts from the blank line that ends its event, dispatched or not).
 
-    Whatever an incomplete last event holds when the stream ends is dropped, as the standard says:
+    What an incomplete last event holds when the stream ends is dropped, as the standard says:
     just stop feeding. One decoder per connection; carry `last_event_id` over by hand.
     """
 
@@ -50,6 +51,7 @@ class SSEDecoder:
         self.max_event = max_event
         self.last_event_id = ""
         self.retry: int | None = None
+        self._id = ""  # the "last event ID buffer": it becomes last_event_id at the blank line
         self._buffer = bytearray()
         self._started = False  # past the optional BOM
         self._after_cr = False  # the last chunk ended with CR: a LF opening the next ends no line
@@ -107,7 +109,7 @@ class SSEDecoder:
             self._type = value
         elif name == "id":
             if "\0" not in value:
-                self.last_event_id = value
+                self._id = value
         elif name == "retry":
             if value.isascii() and value.isdigit():
                 self.retry = int(value)
@@ -116,6 +118,7 @@ class SSEDecoder:
     def _dispatch(self) -> ServerSentEvent | None:
         data, event_type = self._data, self._type
         self._data, self._type, self._size = [], "", 0
+        self.last_event_id = self._id
         if not data:
             return None
         text = "\n".join(data)

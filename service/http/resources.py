@@ -149,6 +149,7 @@ async def _open(
         approvals = Approvals(manager, approval_rules, events=events, audit=audit)
         watch_feed = WatchFeed(
             events,
+            coherence=manager,
             max_streams=settings.watch_max_streams,
             max_per_caller=settings.watch_max_per_caller,
             queue_size=settings.watch_queue,

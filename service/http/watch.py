@@ -56,7 +56,11 @@ async def _events(
     try:
         yield b"retry: 1000\n\n"
         sent = 0
-        if after is not None:
+        if after is None:
+            # A resume point from the first byte: a client that reconnects before any event
+            # came resumes from here rather than starting over.
+            yield b"id: %d\n\n" % await feed.last_sequence()
+        else:
             async for item in feed.replay(stream, after):
                 if isinstance(item, int):
                     yield _control("reset", {"reason": "history_gone", "first_sequence": item})
@@ -78,7 +82,7 @@ async def _events(
                     yield b": keep-alive\n\n"
                 continue
             if frame is STOP:
-                yield _control("end", {"reason": "shutdown"})
+                yield _control("end", {"reason": stream.end_reason})
                 return
             if frame[0] <= sent:
                 continue  # replayed already

@@ -22,10 +22,17 @@ from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import Error as JsError
 
-from events.bus import CHANGE_STREAM, EventBus, check_event
+from events.bus import CHANGE_STREAM, ChangeHandler, EventBus, check_event
 from events.subjects import path_from_subject
 from schemas.errors import BackendUnavailable, SecretsError
-from schemas.events import ChangeEvent, event_decoder
+from schemas.events import (
+    ChangeEvent,
+    NewVersionEvent,
+    SecretDeleted,
+    SecretDestroyed,
+    SecretUndeleted,
+    event_decoder,
+)
 
 __all__ = ["STOP", "Frame", "TooManyStreams", "Watch", "WatchFeed"]
 
@@ -52,6 +59,7 @@ class Watch:
     queue: asyncio.Queue[Frame]
     floor: int = 0  # events at or below this sequence were sent already (by a replay)
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = "shutdown"  # what `end` says once STOP is dequeued
 
     def wants(self, path: str) -> bool:
         prefix = self.prefix
@@ -59,8 +67,9 @@ class Watch:
             return False
         return self.may_read(path)
 
-    def stop(self) -> None:
-        """The service stops: the writer sends what is queued, then `end: shutdown`."""
+    def stop(self, reason: str = "shutdown") -> None:
+        """End the stream: the writer sends what is queued, then `end` with `reason`."""
+        self.end_reason = reason
         try:
             self.queue.put_nowait(STOP)
         except asyncio.QueueFull:
@@ -80,26 +89,36 @@ class WatchFeed:
         self,
         bus: EventBus,
         *,
+        coherence: ChangeHandler | None = None,
         max_streams: int = 2000,
         max_per_caller: int = 16,
         queue_size: int = 256,
     ) -> None:
         self.bus = bus
+        # The manager: an event goes to this instance's cache before any stream hears of it, so
+        # a client re-reading on the event never gets the old version back from this instance.
+        self.coherence = coherence
         self.max_streams = max_streams
         self.max_per_caller = max_per_caller
         self.queue_size = queue_size
         self.watches: set[Watch] = set()
         self._per_caller: dict[str, int] = {}
         self._sub: Any = None
+        self._down = False  # NATS dropped: events may be missed until it is back
+        self._tasks: set[asyncio.Task[None]] = set()
         self.overflows = 0  # streams cut off for being slow (a plain int, for metrics)
 
     @property
     def ready(self) -> bool:
-        return self._sub is not None and self.bus.connected
+        return self._sub is not None and self.bus.connected and not self._down
 
     async def start(self) -> None:
         """Subscribe to new change events (an ordered consumer: it re-creates itself after a
         gap or a reconnect)."""
+        await self._subscribe()
+        self.bus.state_listeners.append(self._on_bus_state)
+
+    async def _subscribe(self) -> None:
         js = self.bus.js
         if js is None:
             raise BackendUnavailable("NATS is not connected")
@@ -111,7 +130,43 @@ class WatchFeed:
             cb=self._on_message,
         )
 
+    def _on_bus_state(self, up: bool) -> None:
+        """NATS dropped: end every stream (`end: unavailable`), so that clients apply their
+        fallback bound and resume later; back: a new live consumer, and streams resume with
+        Last-Event-ID (the replay covers the gap)."""
+        if not up:
+            self._down = True
+            for watch in list(self.watches):
+                watch.stop("unavailable")
+            return
+        task = asyncio.get_running_loop().create_task(self._resubscribe())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resubscribe(self) -> None:
+        old, self._sub = self._sub, None
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except (NatsError, JsError):
+                pass
+        delay = 0.5
+        while True:  # until it works, or the service stops (cancelled)
+            try:
+                await self._subscribe()
+            except (NatsError, JsError, TimeoutError, SecretsError) as exc:
+                log.warning(
+                    "watch feed not resubscribed yet", extra={"error_type": type(exc).__name__}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self._down = False
+            return
+
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
@@ -151,6 +206,13 @@ class WatchFeed:
         if decoded is None:
             return
         event, kind = decoded
+        coherence = self.coherence
+        if coherence is not None and event.instance_id != self.bus.instance_id:
+            # The bus's own subscription may deliver it later: applying it twice is harmless.
+            if isinstance(event, NewVersionEvent):
+                coherence.apply_change(event.path, event.version)
+            elif isinstance(event, SecretDeleted | SecretUndeleted | SecretDestroyed):
+                coherence.apply_lifecycle(event)
         frame = (msg.metadata.sequence.stream, kind, msg.data)
         for watch in list(self.watches):
             watch.offer(frame, event.path)
@@ -167,6 +229,14 @@ class WatchFeed:
         if check_event(event) is not None:
             return None
         return event, str(event.__struct_config__.tag)
+
+    async def last_sequence(self) -> int:
+        """The stream's newest sequence: a new stream's first `id`, its resume point."""
+        js = self.bus.js
+        if js is None:
+            raise BackendUnavailable("NATS is not connected")
+        info = await js.stream_info(CHANGE_STREAM)
+        return int(info.state.last_seq)
 
     async def replay(self, watch: Watch, after: int) -> AsyncIterator[Frame | int]:
         """The stored events after sequence `after` that `watch` wants, oldest first; then its

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,9 +15,17 @@ from service.http.watch import _events
 from service.watch.feed import TooManyStreams, WatchFeed
 
 
+class Js:
+    """What the writer asks JetStream for a new stream: the newest sequence."""
+
+    async def stream_info(self, name: str) -> Any:
+        return SimpleNamespace(state=SimpleNamespace(first_seq=1, last_seq=7))
+
+
 class Bus:
     prefix = "secrets"
-    js = None
+    instance_id = "here"
+    js = Js()
     connected = True
 
 
@@ -69,8 +78,8 @@ async def test_a_slow_reader_is_cut_off_after_what_was_queued() -> None:
         watch.offer(*frame(sequence))
     assert watch.overflowed.is_set()
     chunks = await collect(_events(hub, watch, None, time.time() + 60, heartbeat=10))
-    assert chunks[0] == b"retry: 1000\n\n"
-    assert [c.split(b"\n")[0] for c in chunks[1:3]] == [b"id: 1", b"id: 2"]
+    assert chunks[:2] == [b"retry: 1000\n\n", b"id: 7\n\n"]  # a resume point at once
+    assert [c.split(b"\n")[0] for c in chunks[2:4]] == [b"id: 1", b"id: 2"]
     assert chunks[-1] == b'event: end\ndata: {"reason":"overflow"}\n\n'
     assert not hub.watches and hub.overflows == 1
 
@@ -90,7 +99,7 @@ async def test_a_stopping_service_ends_every_stream() -> None:
     watch.offer(*frame(1))
     hub.stop_all()
     chunks = await collect(_events(hub, watch, None, time.time() + 60, heartbeat=10))
-    assert chunks[1].startswith(b"id: 1\n")
+    assert chunks[2].startswith(b"id: 1\n")
     assert chunks[-1] == b'event: end\ndata: {"reason":"shutdown"}\n\n'
     assert not hub.watches
 
@@ -103,3 +112,25 @@ def test_a_frame_is_one_sse_event_with_the_sequence_as_its_id() -> None:
     lines = text.split("\n")
     assert lines[:2] == ["id: 42", "event: secret.updated"]
     assert lines[2].startswith("data: {") and text.endswith("\n\n") and "\n" not in lines[2][6:]
+
+
+async def test_this_instance_applies_an_event_before_any_stream_hears_of_it() -> None:
+    from tests.fakes import RecordingHandler
+
+    handler = RecordingHandler()
+    hub = WatchFeed(Bus(), coherence=handler)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    def may_read(path: str) -> bool:
+        seen.append(len(handler.changes))  # what the cache knew when the stream was offered it
+        return True
+
+    hub.open("bob", "", may_read)
+    item, _ = frame(3)
+    msg = SimpleNamespace(
+        data=item[2],
+        subject="secrets.changed.app.db",
+        metadata=SimpleNamespace(sequence=SimpleNamespace(stream=3)),
+    )
+    await hub._on_message(msg)
+    assert handler.changes == [("app/db", 4)] and seen == [1]
