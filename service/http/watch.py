@@ -76,7 +76,9 @@ async def _events(
                 yield _control("end", {"reason": "token_expired"})
                 return
             try:
-                frame = await asyncio.wait_for(stream.queue.get(), min(heartbeat, left))
+                # asyncio.timeout, not wait_for: no task per event (measured in the profile).
+                async with asyncio.timeout(min(heartbeat, left)):
+                    frame = await stream.queue.get()
             except TimeoutError:
                 if not stream.overflowed.is_set():
                     yield b": keep-alive\n\n"

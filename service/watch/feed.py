@@ -131,6 +131,7 @@ class WatchFeed:
         )
 
     def _on_bus_state(self, up: bool) -> None:
+        log.debug("watch feed sees the bus", extra={"up": up})
         """NATS dropped: end every stream (`end: unavailable`), so that clients apply their
         fallback bound and resume later; back: a new live consumer, and streams resume with
         Last-Event-ID (the replay covers the gap)."""
@@ -247,6 +248,7 @@ class WatchFeed:
             raise BackendUnavailable("NATS is not connected")
         info = await js.stream_info(CHANGE_STREAM)
         first, last = info.state.first_seq, info.state.last_seq
+        log.debug("watch replay", extra={"after": after, "first": first, "last": last})
         if after + 1 < first or after > last:
             yield first  # a gap, or a sequence from another stream: the client starts over
             watch.floor = last
