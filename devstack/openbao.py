@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from devstack.processes import (
@@ -84,10 +85,20 @@ class OpenBaoServer(ManagedProcess):
             end_process(process)
         self._log.close()
 
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections hang rather than fail, as in a stalled host."""
-        self._signal(self._running(), signal.SIGSTOP)
+    def pause(self, timeout: float = 5.0) -> None:
+        """Freeze the server (SIGSTOP): connections hang rather than fail, as in a stalled host.
+
+        Returns once every thread of the process is stopped: a signal is delivered to each
+        thread when it next enters the kernel, so a request sent right after `kill` could
+        otherwise still be answered on a loaded machine."""
+        process = self._running()
+        self._signal(process, signal.SIGSTOP)
         self._paused = True
+        deadline = time.monotonic() + timeout
+        while not _all_stopped(process.pid):
+            if time.monotonic() > deadline:
+                raise DevStackError(f"OpenBao at {self.addr} did not stop in {timeout}s")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         self._signal(self._running(), signal.SIGCONT)
@@ -102,3 +113,18 @@ class OpenBaoServer(ManagedProcess):
     def _signal(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
         if process.poll() is None:
             os.kill(process.pid, signum)
+
+
+def _all_stopped(pid: int) -> bool:
+    """True when every thread of `pid` is in state T (stopped), as /proc shows it (Linux)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return True  # no /proc (not Linux): nothing to wait on
+    for stat in tasks.glob("*/stat"):
+        try:
+            state = stat.read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread is gone
+        if state not in ("T", "t"):
+            return False
+    return True
