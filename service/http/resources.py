@@ -156,6 +156,7 @@ async def _open(
         )
         await watch_feed.start()
         stack.push_async_callback(watch_feed.aclose)
+        await _run_in_background(stack, watch_feed.watchdog())
         if approval_rules.rules:
             # Every instance sweeps; each request turns expired once (a CAS write of its own).
             await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))

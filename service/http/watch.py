@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JsError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -61,11 +63,15 @@ async def _events(
             # came resumes from here rather than starting over.
             yield b"id: %d\n\n" % await feed.last_sequence()
         else:
-            async for item in feed.replay(stream, after):
-                if isinstance(item, int):
-                    yield _control("reset", {"reason": "history_gone", "first_sequence": item})
-                    continue
-                yield _frame(item)
+            try:
+                async for item in feed.replay(stream, after):
+                    if isinstance(item, int):
+                        yield _control("reset", {"reason": "history_gone", "first_sequence": item})
+                        continue
+                    yield _frame(item)
+            except (BackendUnavailable, NatsError, JsError):
+                yield _control("end", {"reason": "unavailable"})
+                return
             sent = stream.floor
         while True:
             if stream.overflowed.is_set() and stream.queue.empty():

@@ -105,6 +105,8 @@ class WatchFeed:
         self._per_caller: dict[str, int] = {}
         self._sub: Any = None
         self._down = False  # NATS dropped: events may be missed until it is back
+        self.last_seen = 0  # the newest sequence the live consumer delivered
+        self._resubscribing = asyncio.Lock()  # one new consumer at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self.overflows = 0  # streams cut off for being slow (a plain int, for metrics)
 
@@ -119,16 +121,45 @@ class WatchFeed:
         self.bus.state_listeners.append(self._on_bus_state)
 
     async def _subscribe(self) -> None:
+        """The live consumer: new events at the start, and after a resubscription every event
+        after the last one delivered, so that none falls between two consumers."""
         js = self.bus.js
         if js is None:
             raise BackendUnavailable("NATS is not connected")
+        if self.last_seen:
+            policy = js_api.DeliverPolicy.BY_START_SEQUENCE
+            config = js_api.ConsumerConfig(opt_start_seq=self.last_seen + 1)
+        else:
+            policy, config = js_api.DeliverPolicy.NEW, None
         self._sub = await js.subscribe(
             f"{self.bus.prefix}.changed.>",
             stream=CHANGE_STREAM,
             ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.NEW,
+            deliver_policy=policy,
+            config=config,
             cb=self._on_message,
         )
+
+    async def watchdog(self, interval: float = 2.0) -> None:
+        """Until cancelled: if the stream moved on twice in a row while the live consumer
+        delivered nothing (a consumer lost in a JetStream failover stays silent), subscribe
+        again from the last event delivered."""
+        stalled = 0
+        while True:
+            await asyncio.sleep(interval)
+            js = self.bus.js
+            if js is None or self._sub is None or not self.bus.connected:
+                continue
+            seen = self.last_seen
+            try:
+                last = int((await js.stream_info(CHANGE_STREAM)).state.last_seq)
+            except (NatsError, JsError, TimeoutError):
+                continue
+            stalled = stalled + 1 if last > seen and self.last_seen == seen else 0
+            if stalled >= 2:
+                log.warning("watch feed stalled; subscribing again", extra={"from": seen + 1})
+                stalled = 0
+                await self._resubscribe()
 
     def _on_bus_state(self, up: bool) -> None:
         log.debug("watch feed sees the bus", extra={"up": up})
@@ -145,25 +176,26 @@ class WatchFeed:
         task.add_done_callback(self._tasks.discard)
 
     async def _resubscribe(self) -> None:
-        old, self._sub = self._sub, None
-        if old is not None:
-            try:
-                await old.unsubscribe()
-            except (NatsError, JsError):
-                pass
-        delay = 0.5
-        while True:  # until it works, or the service stops (cancelled)
-            try:
-                await self._subscribe()
-            except (NatsError, JsError, TimeoutError, SecretsError) as exc:
-                log.warning(
-                    "watch feed not resubscribed yet", extra={"error_type": type(exc).__name__}
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            self._down = False
-            return
+        async with self._resubscribing:
+            old, self._sub = self._sub, None
+            if old is not None:
+                try:
+                    await old.unsubscribe()
+                except (NatsError, JsError):
+                    pass
+            delay = 0.5
+            while True:  # until it works, or the service stops (cancelled)
+                try:
+                    await self._subscribe()
+                except (NatsError, JsError, TimeoutError, SecretsError) as exc:
+                    log.warning(
+                        "watch feed not resubscribed yet", extra={"error_type": type(exc).__name__}
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                self._down = False
+                return
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -205,6 +237,7 @@ class WatchFeed:
     async def _on_message(self, msg: Any) -> None:
         decoded = self._decode(msg.data, msg.subject)
         if decoded is None:
+            self.last_seen = max(self.last_seen, msg.metadata.sequence.stream)
             return
         event, kind = decoded
         coherence = self.coherence
@@ -215,6 +248,7 @@ class WatchFeed:
             elif isinstance(event, SecretDeleted | SecretUndeleted | SecretDestroyed):
                 coherence.apply_lifecycle(event)
         frame = (msg.metadata.sequence.stream, kind, msg.data)
+        self.last_seen = max(self.last_seen, frame[0])
         for watch in list(self.watches):
             watch.offer(frame, event.path)
 
@@ -268,7 +302,9 @@ class WatchFeed:
                 try:
                     msg = await sub.next_msg(timeout=5.0)
                 except TimeoutError:
-                    break
+                    # Short of `last`: never a silent gap; the writer ends the stream and the
+                    # client resumes from what it got.
+                    raise BackendUnavailable("the replay stopped short") from None
                 sequence = msg.metadata.sequence.stream
                 decoded = self._decode(msg.data, msg.subject)
                 if decoded is not None and watch.wants(decoded[0].path):
