@@ -18,7 +18,10 @@ protocol. The 70% goal is reckoned against the former, the stricter of the two. 
   on instance B (another process, on another NATS node);
 - memory: RSS growth per cached ~200-byte secret;
 - rotation: `POST :rotate` for the password and postgres generators beside a PATCH of the same
-  path, with a PostgreSQL of its own (bench/rotation_bench.py, which runs alone too).
+  path, with a PostgreSQL of its own (bench/rotation_bench.py, which runs alone too);
+- watch (issue 14): the client library's cached `get` beside the HTTP round trip, a write on
+  instance B reaching the cache of a client watching instance A, and 1,000 idle watch streams'
+  cost in RSS and in cached-read throughput (bench/watch_bench.py, which runs alone too).
 
 Results go to bench/results/latest.json and latest.md. The exit code is 1 when the service is
 not ahead of OpenBao on cached reads (and 2 when the run itself failed).
@@ -72,10 +75,11 @@ from schemas.secret import Secret, SecretData  # noqa: E402
 from service.core.manager import SecretsManager  # noqa: E402
 from service.vault.backend import HvacBackend  # noqa: E402
 
-# bench/rotation_bench.py imports this module as `run`: run as a script, let it find this copy
-# rather than load a second one (with a BenchError of its own).
+# bench/rotation_bench.py and bench/watch_bench.py import this module as `run`: run as a script,
+# let them find this copy rather than load a second one (with a BenchError of its own).
 sys.modules.setdefault("run", sys.modules[__name__])
 import rotation_bench  # noqa: E402
+import watch_bench  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -91,7 +95,22 @@ GOALS = {
     "propagation_listener_p99_ms": ("write ack on A -> listener call on B, p99 (ms)", "<=", 2.0),
     "patch_vs_openbao_write_p50": ("PATCH p50 / OpenBao CAS write p50", "<=", 1.5),
     "cache_overhead_bytes_per_entry": ("cache overhead per entry (bytes)", "<=", 1024.0),
+    # Issue 14 (bench/watch_bench.py): judged only on results that have its figures.
+    "client_async_get_median_us": ("`AsyncSecretsClient.get`, cached, median (µs)", "<=", 2.0),
+    "client_blocking_get_median_us": ("`SecretsClient.get`, cached, median (µs)", "<=", 5.0),
+    "watch_freshness_p99_ms": (
+        "write ack on B -> eviction in a client's cache on A, p99, worse client (ms)",
+        "<=",
+        5.0,
+    ),
+    "watch_idle_streams_rss_mb": ("RSS of 1,000 idle watch streams (MB)", "<=", 50.0),
+    "watch_idle_streams_read_ratio": (
+        "cached read throughput with 1,000 idle watch streams / without",
+        ">=",
+        0.90,
+    ),
 }
+WATCH_GOALS = {key for key in GOALS if key.startswith(("client_", "watch_"))}
 
 # wrk: requests built once per thread in init(), rotating over the seeded paths; a JSON summary.
 WRK_SCRIPT = """
@@ -687,8 +706,22 @@ def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         / writes["openbao_cas_write"]["p50_ms"],
         "cache_overhead_bytes_per_entry": result["memory"]["overhead_bytes_per_entry"],
     }
+    watch = result.get("watch")  # none in results from before the watch stream was measured
+    if watch:
+        get, fresh, idle = watch["client_get"], watch["freshness"], watch["idle_streams"]
+        measured |= {
+            "client_async_get_median_us": get["async_client"]["median_us"],
+            "client_blocking_get_median_us": get["blocking_client"]["median_us"],
+            "watch_freshness_p99_ms": max(
+                fresh["async_client"]["p99_ms"], fresh["blocking_client"]["p99_ms"]
+            ),
+            "watch_idle_streams_rss_mb": idle["rss_growth_mb"],
+            "watch_idle_streams_read_ratio": idle["throughput_with_over_without"],
+        }
     out = {}
     for key, (what, op, limit) in GOALS.items():
+        if key not in measured:
+            continue
         value = measured[key]
         met = value >= limit if op == ">=" else value <= limit
         out[key] = {
@@ -763,6 +796,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     h = result["inprocess_get"]
     m = result["memory"]
     rotation = result.get("rotation")  # none in results from before rotation was measured
+    watch = result.get("watch")
 
     def row(label: str, x: Mapping[str, float]) -> str:
         return f"| {label} | {x['p50_ms']:.2f} ms | {x['p99_ms']:.2f} ms | {x['max_ms']:.2f} ms |"
@@ -783,6 +817,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{h['hit']['p99_us']:.2f} µs | |",
         f"| in-process `SecretsManager.get`, miss (a Vault read) | {h['miss']['median_us']:,.0f}"
         f" µs | {h['miss']['p99_us']:,.0f} µs | |",
+        *(watch_bench.markdown_rows(watch) if watch else []),
         "",
         f"Memory: {m['rss_bytes_per_entry']:.0f} bytes of RSS per cached secret of "
         f"{m['secret_json_bytes']} bytes, so {m['overhead_bytes_per_entry']:.0f} bytes of overhead"
@@ -790,6 +825,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{m['rss_bytes_per_entry'] * 10_000 / 1e6:.1f} MB per 10,000 entries.",
         "",
         *([rotation_bench.markdown_note(rotation), ""] if rotation else []),
+        *([watch_bench.markdown_note(watch), ""] if watch else []),
         "| goal | target | measured | |",
         "|---|---:|---:|---|",
     ]  # fmt: skip
@@ -863,6 +899,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s, workdir, password_calls=args.rotations, postgres_calls=args.pg_rotations
             )
             parts = uvloop.run(_async_parts(s, args))
+            print("watch ...", file=sys.stderr)
+            watch = watch_bench.bench_watch(
+                s, workdir, wrk, get_calls=args.hit_calls, writes=args.watch_writes,
+                streams=args.watch_streams, threads=args.threads, connections=args.connections,
+            )  # fmt: skip
         print("memory ...", file=sys.stderr)
         memory = bench_memory(args.entries)
     finally:
@@ -900,6 +941,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **parts,
         "memory": memory,
         "rotation": rotation,
+        "watch": watch,
     }
     result["goals"] = goals(result)
     return result
@@ -942,6 +984,8 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--rotations", type=int, default=200, help=":rotate calls, password")
     parser.add_argument("--pg-rotations", type=int, default=100, help=":rotate calls, postgres")
+    parser.add_argument("--watch-writes", type=int, default=1000, help="writes for freshness")
+    parser.add_argument("--watch-streams", type=int, default=1000, help="idle watch streams")
     parser.add_argument("--out", default=str(RESULTS / "latest"), help="path without extension")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()

@@ -201,6 +201,8 @@ class EventBus:
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS[:3], 0)
         self.disconnects = 0
         self.on_received: Callable[[ChangeEvent], None] | None = None
+        # Told False when the connection drops and True when it is back (the watch feed).
+        self.state_listeners: list[Callable[[bool], None]] = []
         # Told, for each live (not replayed) event, the seconds from its `time` to receipt.
         self.lag_observer: Callable[[float], None] | None = None
 
@@ -427,6 +429,8 @@ class EventBus:
         log.warning("NATS disconnected: cached entries now served within the fallback TTL")
         if self._handler is not None:
             self._handler.bus_down()
+        for listener in self.state_listeners:
+            listener(False)
 
     async def _on_reconnected(self) -> None:
         since = self._disconnected_at
@@ -438,6 +442,8 @@ class EventBus:
             self._handler.bus_up(replayed=False)
         if since is not None:
             self._spawn(self._replay(since - 2.0))
+        for listener in self.state_listeners:
+            listener(True)
 
     async def _replay(self, since: float) -> None:
         """Feed the events stored since `since` (epoch seconds) to the handler."""

@@ -20,7 +20,7 @@ __all__ = [
     "outcome_for",
 ]
 
-READ_OPS = frozenset({"read", "list", "versions", "rotation", "changes"})
+READ_OPS = frozenset({"read", "list", "versions", "rotation", "changes", "watch"})
 """Ops that change nothing: audited, but a fail-closed audit log set to `writes` lets them by."""
 
 OPS = READ_OPS | {
@@ -32,6 +32,7 @@ OPS = READ_OPS | {
 _OUTCOME_BY_STATUS: Mapping[int, str] = {
     400: "invalid", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
     409: "conflict", 413: "too_large", 422: "invalid_secret", 428: "approval_required",
+    429: "limited",
     502: "failed", 503: "unavailable",
 }  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""`SecretsClient`: the blocking HTTP client of the service's API, one call per method.
+"""`SecretsClient`: the blocking client of the service's HTTP API, whose reads of latest versions
+are cached and kept fresh by one watch stream, read in a daemon thread.
 
 Paths and change ids are checked before a request is made (a `:` or `..` never turns into
 another request); a refusal or an unreachable service raises `ClientError` with the API's `error`.
@@ -6,72 +7,97 @@ another request); a refusal or an unreachable service raises `ClientError` with 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
 
 import httpx
 
-from schemas.errors import InvalidPath
-from schemas.paths import validate_path, validate_prefix
-from schemas.secret import Secret, SecretData
+from events.listener import Change
+from schemas.secret import Secret
+from secrets_client.api import (
+    DEFAULT_URL,
+    Call,
+    authorization,
+    change_url,
+    decode_secret,
+    get_call,
+    json_body,
+    secret_url,
+    set_call,
+)
+from secrets_client.base import ClientBase
+from secrets_client.cache import REREADS, ClientCache
+from secrets_client.errors import (
+    ClientError,
+    error_from_response,
+    error_from_transport,
+    read_refusal,
+)
+from secrets_client.stream import (
+    MAX_DELAY,
+    Attempt,
+    Backoff,
+    OnConnect,
+    StreamReset,
+    WatchSession,
+)
 
 __all__ = ["DEFAULT_URL", "ClientError", "SecretsClient", "change_url", "secret_url"]
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+log = logging.getLogger("secrets.client")
 
-# The service names a change request by a uuid4 in hex; nothing else may reach the URL.
-_CHANGE_ID = re.compile(r"[0-9a-f]{32}")
-# What h11 sends unaltered in a header value: printable ASCII (no CR, LF or other control).
-_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+Token = str | Callable[[], str]
 
 
-class ClientError(Exception):
-    """The service refused a request, or could not be asked.
+class SecretsClient(ClientBase[Any]):
+    """`with SecretsClient(url, token=...) as client: client.get("app/db")`.
 
-    `error` is the API's error code (`not_found`, `conflict`, ...) or, with `status` 0, what
-    kept the request from being answered: `timeout`, `unreachable`, `invalid_url`,
-    `invalid_path`. `body` is the API's error body (never a secret value: the API puts none in
-    one), with `status` added.
+    `token` is a bearer token, or a callable returning one, called for each request and each
+    watch connection (so a refreshed OIDC token is used as soon as it is returned; the watch
+    thread calls it too). `get(path)` of the latest version is served from the cache while the
+    entry is younger than `cache_ttl` and the watch stream is up, or than `fallback_ttl` while it
+    is down; the stream starts with the first such read, and stops on `close`. `cache=False`
+    makes every read a request, with no stream. `stream_timeout` is how long a silent stream is
+    trusted (the service sends a comment at least every 15 s). `transport` replaces the network
+    (an `httpx.MockTransport` in tests); `clock` the monotonic clock.
     """
-
-    def __init__(self, error: str, detail: str, *, status: int = 0, body: Any = None) -> None:
-        super().__init__(f"{error}: {detail}")
-        self.error = error
-        self.detail = detail
-        self.status = status
-        shown: dict[str, Any] = dict(body) if isinstance(body, Mapping) else {"error": error}
-        shown.setdefault("detail", detail)
-        if status:
-            shown["status"] = status
-        self.body = shown
-
-
-class SecretsClient:
-    """`with SecretsClient(url, token=...) as client: client.get("app/db")`."""
 
     def __init__(
         self,
         url: str = DEFAULT_URL,
         *,
-        token: str,
+        token: Token,
         timeout: float = 10.0,
+        cache: bool = True,
+        cache_ttl: float = 300.0,
+        fallback_ttl: float = 5.0,
+        max_entries: int = 10_000,
+        stream_timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`transport` replaces the network (an `httpx.MockTransport` in tests)."""
-        self.url = url
-        self.timeout = timeout
-        try:
-            self._http = httpx.Client(
-                base_url=url,
-                timeout=timeout,
-                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-                transport=transport,
-            )
-        except httpx.InvalidURL:
-            raise ClientError("invalid_url", "the service URL is not a valid http(s) URL") from None
+        super().__init__(
+            url,
+            token=token,
+            timeout=timeout,
+            cache=cache,
+            cache_ttl=cache_ttl,
+            fallback_ttl=fallback_ttl,
+            max_entries=max_entries,
+            clock=clock,
+        )
+        self._http, self._streams = self._http_clients(httpx.Client, transport, stream_timeout)
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._live: set[httpx.Response] = set()  # open streams, cut short by `close`
+        self._live_lock = threading.Lock()
 
     def __enter__(self) -> Self:
         return self
@@ -85,162 +111,192 @@ class SecretsClient:
         self.close()
 
     def close(self) -> None:
+        """Stop the watch stream (and any `watch()` iterator) and close the connections."""
+        self._closed.set()
+        with self._live_lock:
+            live = list(self._live)
+        for response in live:
+            _cut(response)
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=self.timeout)
         self._http.close()
+        self._streams.close()
 
-    # -- the API -------------------------------------------------------------------------
+    # -- reads and writes ----------------------------------------------------------------
 
     def get(self, path: str, version: int | None = None) -> Secret:
-        params = None if version is None else {"version": str(version)}
-        body = self.request("GET", secret_url(path), params=params)
-        return Secret(
-            path=body["path"],
-            version=body["version"],
-            data=SecretData(body["data"]),
-            created_time=body["created_time"],
-        )
+        """The latest version of `path` (from the cache when fresh), or version `version`."""
+        cache = self._cache
+        if version is not None or cache is None:
+            return decode_secret(self._exchange(get_call(path, version)).content)
+        secret: Secret | None = cache.fresh(path)
+        if secret is not None:
+            return secret
+        call = get_call(path, None)
+        if self._watcher is None:
+            self._start_watching()
+        for _ in range(REREADS):
+            fetch = cache.begin(path)
+            secret = None
+            try:
+                secret = decode_secret(self._exchange(call).content)
+            finally:
+                current = cache.finish(fetch, secret)
+            if current:
+                break  # else older than an event said: once more (at most REREADS times)
+        assert secret is not None
+        return secret
 
     def set(self, path: str, data: Mapping[str, Any], *, version: int) -> int:
         """Write `data` if the current version is `version` (0: the path must not exist yet);
-        the new version. A stale `version` raises ClientError `version_conflict` (409)."""
-        body = self.request(
-            "PATCH", secret_url(path), json={"data": dict(data), "version": version}
-        )
+        the new version. A stale `version` raises ClientError `version_conflict` (409), whose
+        `current_version` says what to retry with."""
+        body = self._send(set_call(path, data, version))
         new_version: int = body["version"]
         return new_version
 
-    def versions(self, path: str) -> Any:
-        return self.request("GET", f"{secret_url(path)}:versions")
+    def watch(
+        self, prefix: str = "", *, after: int | None = None, on_connect: OnConnect | None = None
+    ) -> Generator[Change, None, None]:
+        """The changes at or below `prefix` that you may read, from now on (or from the one
+        after stream sequence `after`), each with its `sequence`; resumed after a lost
+        connection without a gap, until the client is closed or the loop is left.
 
-    def list(self, prefix: str = "") -> Any:
-        return self.request("GET", f"{_prefix_url(prefix)}:list" if prefix else "/secrets:list")
+        The first connection's failure raises ClientError, as does a later refusal that
+        another attempt cannot change (400, 403, or a 401 the token provider does not cure).
+        `on_connect(after)` is called each time a connection has begun, with the sequence it
+        resumes after (None: from now on): changes made from then on will be delivered.
+        """
+        session = WatchSession(prefix, after=after)  # the prefix checked now, not at first next()
+        return self._changes(session, on_connect)
 
-    def delete(self, path: str, versions: Sequence[int] | None = None) -> Any:
-        params = None if versions is None else {"versions": ",".join(map(str, versions))}
-        return self.request("DELETE", secret_url(path), params=params)
+    def _changes(
+        self, session: WatchSession, on_connect: OnConnect | None
+    ) -> Generator[Change, None, None]:
+        for item in self._follow(session, Backoff(persistent=False), on_connect=on_connect):
+            if isinstance(item, Change):
+                yield item
+            else:
+                log.warning(
+                    "watch: events lost, going on from the oldest kept",
+                    extra={"reason": item.reason, "first_sequence": item.first_sequence},
+                )
 
-    def undelete(self, path: str, versions: Sequence[int]) -> Any:
-        return self.request("POST", f"{secret_url(path)}:undelete", json={"versions": versions})
+    # -- the API's plumbing --------------------------------------------------------------
 
-    def destroy(self, path: str, versions: Sequence[int]) -> Any:
-        return self.request("POST", f"{secret_url(path)}:destroy", json={"versions": versions})
-
-    def rollback(self, path: str, to_version: int, *, version: int) -> Any:
-        payload = {"to_version": to_version, "version": version}
-        return self.request("POST", f"{secret_url(path)}:rollback", json=payload)
-
-    def rotate(self, path: str, *, version: int | None = None) -> Any:
-        """Rotate now: `{"path", "version", "previous_version"}`. With `version`, only if it
-        is still the current version (else ClientError `version_conflict`)."""
-        payload = None if version is None else {"version": version}
-        return self.request("POST", f"{secret_url(path)}:rotate", json=payload)
-
-    def rotation(self, path: str) -> Any:
-        """The rotation state: `{"path", "state", "last_rotated", "next_rotation", "failures",
-        "last_error"}`."""
-        return self.request("GET", f"{secret_url(path)}:rotation")
-
-    # -- change requests (approvals) --------------------------------------------------------
-
-    def propose(
-        self, path: str, data: Mapping[str, Any], *, version: int, reason: str
-    ) -> dict[str, Any]:
-        """Ask for `data` to be written as the version after `version`, once approved; the
-        change request (`id`, `state` pending, `required`, `approvals` [], ...)."""
-        payload = {"data": dict(data), "version": version, "reason": reason}
-        return self._object("POST", f"{secret_url(path)}:propose", json=payload)
-
-    def changes(self, *, state: str | None = None, path: str | None = None) -> dict[str, Any]:
-        """`{"changes": [...], "truncated"}`: the requests you may see, by state or path;
-        each shows the changed field names, never their values."""
-        filters = {"state": state, "path": path}
-        params = {name: value for name, value in filters.items() if value is not None}
-        return self._object("GET", "/changes", params=params or None)
-
-    def change(self, id: str) -> dict[str, Any]:
-        return self._object("GET", change_url(id))
-
-    def approve(self, id: str) -> dict[str, Any]:
-        """Count your approval (never the requester's: ClientError `self_approval`, 403)."""
-        return self._object("POST", f"{change_url(id)}:approve")
-
-    def reject(self, id: str) -> dict[str, Any]:
-        return self._object("POST", f"{change_url(id)}:reject")
-
-    def cancel(self, id: str) -> dict[str, Any]:
-        return self._object("POST", f"{change_url(id)}:cancel")
-
-    def apply(self, id: str) -> dict[str, Any]:
-        """Write an approved request with CAS on its base version; `applied_version` is the
-        version written. If the secret moved on, ClientError `version_conflict` (409), and the
-        request is stale for good."""
-        return self._object("POST", f"{change_url(id)}:apply")
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        """One API call; its decoded JSON body, or ClientError. `headers` are added to the
-        client's own (`X-Bypass-Reason` for a break-glass change)."""
-        for name, value in (headers or {}).items():
-            if not _HEADER_VALUE.fullmatch(value):
-                raise ClientError("invalid_request", f"header {name} must be printable ASCII")
+    def _send(self, call: Call) -> Any:
         try:
-            response = self._http.request(method, url, params=params, json=json, headers=headers)
-        except httpx.TimeoutException:
-            raise ClientError(
-                "timeout", f"no answer from {self.url} within {self.timeout}s"
-            ) from None
+            response = self._exchange(call)
+        except ClientError:
+            self._refused(call)
+            raise
+        return self._answered(call, json_body(response.content))
+
+    def _exchange(self, call: Call) -> httpx.Response:
+        headers = call.headers
+        if self._provider is not None:
+            headers = {**(headers or {}), "Authorization": self._authorization()}
+        try:
+            response = self._http.request(
+                call.method, call.url, params=call.params, json=call.json, headers=headers
+            )
         except httpx.TransportError as exc:
-            raise ClientError(
-                "unreachable", f"cannot reach {self.url}: {type(exc).__name__}"
-            ) from None
+            raise error_from_transport(exc, self.url, self.timeout) from None
+        if not response.is_success:
+            raise error_from_response(response)
+        return response
+
+    def _authorization(self) -> str:
+        assert self._provider is not None
         try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if response.is_success:
-            return body
-        fields: dict[str, Any] = body if isinstance(body, dict) else {}
-        error, detail = fields.get("error"), fields.get("detail")
-        raise ClientError(
-            error if isinstance(error, str) else "http_error",
-            str(detail) if detail is not None else response.reason_phrase,
-            status=response.status_code,
-            body=fields or None,
-        )
+            token = self._provider()
+        except Exception as exc:
+            raise self._provider_error(exc) from exc
+        return authorization(token)
 
-    def _object(
-        self, method: str, url: str, *, params: Mapping[str, str] | None = None, json: Any = None
-    ) -> dict[str, Any]:
-        """`request` for an answer that is a JSON object (a change request, a listing)."""
-        body: dict[str, Any] = self.request(method, url, params=params, json=json)
-        return body
+    # -- the watch stream ----------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        with self._start_lock:
+            if self._watcher is not None or self._closed.is_set():
+                return
+            self._watcher = threading.Thread(
+                target=self._keep_fresh, name="secrets-client-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _keep_fresh(self) -> None:
+        """The watch thread: every event the caller may read evicts its path, until close."""
+        cache = self._cache
+        assert cache is not None
+        while not self._closed.is_set():
+            try:
+                for item in self._follow(self._session, Backoff(persistent=True), cache):
+                    cache.apply(item)
+            except Exception:
+                if self._closed.is_set():
+                    break  # the connections closed under a request being made
+                cache.stream_down()
+                log.exception("watch thread failed; starting again")
+                self._closed.wait(MAX_DELAY)
+
+    def _follow(
+        self,
+        session: WatchSession,
+        backoff: Backoff,
+        cache: ClientCache | None = None,
+        on_connect: OnConnect | None = None,
+    ) -> Iterator[Change | StreamReset]:
+        """The items of one connection after another, until the client closes; `cache`, if
+        given, is told when the stream is up and down."""
+        while not self._closed.is_set():
+            attempt = Attempt(session, backoff, cache, on_connect)
+            try:
+                headers = attempt.headers
+                if self._provider is not None:
+                    headers["Authorization"] = self._authorization()
+                with self._streams.stream("GET", session.url, headers=headers) as response:
+                    if response.status_code != 200:
+                        raise read_refusal(response)
+                    attempt.open(response.headers.get("Content-Type"))
+                    with self._holding(response):
+                        for chunk in response.iter_bytes():
+                            yield from attempt.feed(chunk)
+                            if attempt.ended is not None:
+                                break
+            except ClientError as exc:
+                attempt.failure = exc
+            except httpx.TransportError as exc:
+                attempt.failure = error_from_transport(exc, self.url, self.timeout)
+            except RuntimeError:
+                if self._closed.is_set():
+                    return  # closed between the check above and the request
+                raise
+            finally:
+                attempt.close()
+            if self._closed.is_set():
+                return
+            self._closed.wait(attempt.delay())  # raised instead, by a watch() giving up
+
+    @contextmanager
+    def _holding(self, response: httpx.Response) -> Iterator[None]:
+        with self._live_lock:
+            self._live.add(response)
+        try:
+            yield
+        finally:
+            with self._live_lock:
+                self._live.discard(response)
 
 
-def secret_url(path: str) -> str:
-    """`/secrets/<path>`, the path checked and quoted; ClientError `invalid_path` if bad."""
-    try:
-        validate_path(path)
-    except InvalidPath as exc:
-        raise ClientError(exc.code, exc.detail) from None
-    return "/secrets/" + quote(path, safe="/")
-
-
-def change_url(id: str) -> str:
-    """`/changes/<id>`; ClientError `invalid_request` unless `id` is a change request's id."""
-    if not _CHANGE_ID.fullmatch(id):
-        raise ClientError("invalid_request", "a change id is 32 lowercase hex digits")
-    return "/changes/" + quote(id, safe="")
-
-
-def _prefix_url(prefix: str) -> str:
-    try:
-        validate_prefix(prefix)
-    except InvalidPath as exc:
-        raise ClientError(exc.code, exc.detail) from None
-    return "/secrets/" + quote(prefix, safe="/")
+def _cut(response: httpx.Response) -> None:
+    """Wake the thread reading `response`: shut its socket down (closing it from another thread
+    would leave the read blocked)."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -1,4 +1,4 @@
-"""`secretsctl`: the command line client of the HTTP API, and `watch` on the change stream.
+"""`secretsctl`: the command line client of the HTTP API, `watch` included (its SSE stream).
 
 Configured by environment only, so neither the token nor a value lands in shell history or in
 the process list; output is JSON, and the exit code says what went wrong (see `--help`).
@@ -7,7 +7,6 @@ the process list; output is JSON, and the exit code says what went wrong (see `-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -18,7 +17,10 @@ from typing import IO, Any, NoReturn
 import msgspec
 
 from schemas.approvals import CHANGE_STATES
-from secrets_client.client import DEFAULT_URL, ClientError, SecretsClient, secret_url
+from schemas.globs import PathGlob
+from secrets_client.api import DEFAULT_URL, secret_url
+from secrets_client.client import SecretsClient
+from secrets_client.errors import ClientError
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -63,22 +65,15 @@ _BY_STATUS = {
     504: EXIT_UNAVAILABLE,
 }
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
 _EPILOG = (
     f"""\
 environment:
   SECRETS_URL          the service's base URL (default {DEFAULT_URL})
-  SECRETS_TOKEN        bearer token (JWT) for every command but watch
-  SECRETS_NATS_URL     NATS servers for watch, comma-separated (default {DEFAULT_NATS_URL})
-  SECRETS_NATS_PREFIX  subject prefix for watch (default secrets)
-  SECRETS_NATS_CREDS   NATS credentials file for watch (user and password may stand in the URL)
-  SECRETS_NATS_TLS_CA, SECRETS_NATS_TLS_CERT, SECRETS_NATS_TLS_KEY
-                       TLS to NATS for watch: CA bundle, client certificate and key
-  SECRETS_NATS_TLS_FIRST  true: TLS from the first byte (server: handshake_first)
+  SECRETS_TOKEN        bearer token (JWT) for every command, watch included
 
 output:
-  stdout: the service's JSON answer (watch: one JSON object per line, per change)
+  stdout: the service's JSON answer (watch: one JSON object per line, per change,
+          with its stream "sequence")
   stderr: JSON lines; on failure the last is {{"error", "detail", "status"?, ...}}
 
 exit codes:
@@ -95,7 +90,8 @@ examples:
   secretsctl rollback app/db --to 2 --version 4
   secretsctl rotate app/db                               # or --version 4: only from v4
   secretsctl rotation app/db                             # state, last and next rotation
-  secretsctl watch 'app/**'
+  secretsctl watch app                                   # app and everything below it
+  secretsctl watch 'app/*/db' --from-sequence 120        # a glob; replay from sequence 120
   secretsctl propose prod/db --version 3 --reason "INC-7: new vendor key" --file new.json
   secretsctl changes --state pending                     # field names only, never values
   secretsctl approve 0b5e9c2f4d6a4e1f8a3b7c9d2e4f6a8b    # an approver, never the requester
@@ -254,10 +250,15 @@ def _parser() -> argparse.ArgumentParser:
 
     watch = sub.add_parser(
         "watch",
-        help="print change events as JSON lines until interrupted (reads NATS directly)",
+        help="print the changes you may read as JSON lines until interrupted (the service's "
+        "watch stream; reconnects by itself)",
     )
     watch.add_argument(
-        "pattern", nargs="?", default="**", help="path glob, e.g. 'app/**' (default: all)"
+        "pattern",
+        nargs="?",
+        default="",
+        help="a prefix (that path and all below it) or a path glob such as 'app/*/db' "
+        "(default: everything)",
     )
     watch.add_argument(
         "--from-sequence",
@@ -268,7 +269,8 @@ def _parser() -> argparse.ArgumentParser:
         "--connect-timeout",
         type=float,
         default=10.0,
-        help="seconds to reach NATS at the start (default 10); reconnects are retried forever",
+        help="seconds to reach the service at the start (default 10); later, reconnects are "
+        "retried forever",
     )
     return parser
 
@@ -277,12 +279,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace, environ: Mapping[str, str], stdin: IO[str]) -> Any:
-    token = environ.get("SECRETS_TOKEN", "").strip()
-    if not token:
-        _fail(EXIT_UNAUTHENTICATED, "missing_token", "set SECRETS_TOKEN to a bearer token")
+    token = _token(environ)
     url = environ.get("SECRETS_URL", "").strip() or DEFAULT_URL
     try:
-        with SecretsClient(url, token=token, timeout=args.timeout) as client:
+        # One command, one request or two: nothing to cache, so no watch stream either.
+        with SecretsClient(url, token=token, timeout=args.timeout, cache=False) as client:
             return _command(client, args, stdin)
     except ClientError as exc:
         raise _Failure(_exit_code(exc), exc.body) from None
@@ -342,6 +343,13 @@ def _change(client: SecretsClient, args: argparse.Namespace, stdin: IO[str]) -> 
     return client.request(method, url, params=params, json=body, headers=headers)
 
 
+def _token(environ: Mapping[str, str]) -> str:
+    token = environ.get("SECRETS_TOKEN", "").strip()
+    if not token:
+        _fail(EXIT_UNAUTHENTICATED, "missing_token", "set SECRETS_TOKEN to a bearer token")
+    return token
+
+
 def _exit_code(exc: ClientError) -> int:
     if exc.status:
         return _BY_STATUS.get(exc.status, EXIT_ERROR)
@@ -349,6 +357,8 @@ def _exit_code(exc: ClientError) -> int:
         return EXIT_UNAVAILABLE
     if exc.error == "invalid_url":
         return EXIT_USAGE
+    if exc.error in ("invalid_stream", "invalid_response"):
+        return EXIT_ERROR  # the service's answer broke the rules
     return EXIT_INVALID  # the path, checked here before any request
 
 
@@ -381,54 +391,59 @@ def _read_value(source: str, stdin: IO[str]) -> dict[str, Any]:
 def _watch(
     args: argparse.Namespace, environ: Mapping[str, str], stdout: IO[str], stderr: IO[str]
 ) -> int:
-    from events.listener import ChangeListener  # NATS is loaded only for watch
-
-    # Connection trouble is reported on stderr as JSON lines too, like everything else there.
+    # Reconnections and lost events are reported on stderr as JSON lines too (log records).
     _log_json_lines(stderr)
-    servers = [
-        s.strip()
-        for s in (environ.get("SECRETS_NATS_URL") or DEFAULT_NATS_URL).split(",")
-        if s.strip()
-    ]
-    prefix = environ.get("SECRETS_NATS_PREFIX", "").strip() or "secrets"
     try:
-        listener = ChangeListener(
-            servers,
-            args.pattern,
-            prefix=prefix,
-            start_sequence=args.from_sequence,
-            connect_timeout=args.connect_timeout,
-            name="secretsctl-watch",
-            # The same variables as the service's: user and password may stand in the URL.
-            credentials=environ.get("SECRETS_NATS_CREDS") or None,
-            tls_ca=environ.get("SECRETS_NATS_TLS_CA") or None,
-            tls_cert=environ.get("SECRETS_NATS_TLS_CERT") or None,
-            tls_key=environ.get("SECRETS_NATS_TLS_KEY") or None,
-            tls_first=environ.get("SECRETS_NATS_TLS_FIRST", "").strip().lower()
-            in ("1", "true", "yes", "on"),
-        )
-    except ValueError as exc:
-        _print(stderr, {"error": "invalid_request", "detail": str(exc)}, compact=True)
-        return EXIT_INVALID
+        token = _token(environ)
+        prefix, glob = _watch_scope(args.pattern)
+    except _Failure as failure:
+        _print(stderr, failure.body, compact=True)
+        return failure.code
+    after = None if args.from_sequence is None else args.from_sequence - 1
 
-    async def stream() -> None:
-        async with listener as changes:
-            start = {"watching": args.pattern, "from_sequence": listener.last_sequence + 1}
+    first = True
+
+    def connected(resumed_after: int | None) -> None:
+        nonlocal first
+        if first:
+            start = {"watching": args.pattern, "from_sequence": args.from_sequence}
             _print(stderr, start, compact=True)
-            async for change in changes:
-                event = msgspec.to_builtins(change.event)
-                _print(stdout, {"sequence": change.sequence, **event}, compact=True)
+            first = False
+        else:
+            _print(stderr, {"reconnected": args.pattern, "after": resumed_after}, compact=True)
 
+    url = environ.get("SECRETS_URL", "").strip() or DEFAULT_URL
     try:
-        asyncio.run(stream())
+        with SecretsClient(url, token=token, timeout=args.connect_timeout, cache=False) as client:
+            for change in client.watch(prefix, after=after, on_connect=connected):
+                if glob is None or glob.matches(change.path):
+                    event = msgspec.to_builtins(change.event)
+                    _print(stdout, {"sequence": change.sequence, **event}, compact=True)
+    except ClientError as exc:
+        _print(stderr, exc.body, compact=True)
+        return _exit_code(exc)
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:
         return EXIT_OK  # the reader went away (`| head`)
-    except ConnectionError as exc:
-        _print(stderr, {"error": "unavailable", "detail": str(exc)}, compact=True)
-        return EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _watch_scope(pattern: str) -> tuple[str, PathGlob | None]:
+    """The prefix to watch and the glob to filter by: a pattern without `*` is a prefix (that
+    path and all below it); a glob is watched from its literal leading segments."""
+    if "*" not in pattern:
+        return pattern, None
+    try:
+        glob = PathGlob(pattern)
+    except ValueError as exc:
+        _fail(EXIT_INVALID, "invalid_request", str(exc))
+    literal = []
+    for segment in glob.segments:
+        if "*" in segment:
+            break
+        literal.append(segment)
+    return "/".join(literal), glob
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -439,7 +454,7 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))
 
 class _JsonLines(logging.Formatter):
     """A log record as one JSON object: level, logger, message and the scalar fields the
-    listener adds (`extra=`: subject, sequence, error_type); never an exception's text."""
+    client adds (`extra=`: reason, first_sequence); never an exception's text."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {

@@ -18,7 +18,7 @@ from service.approvals.rules import ApprovalRules
 from service.auth.policy import Policy
 from service.core.validation import Validator
 from service.http.app import create_app
-from service.http.serving import server_config
+from service.http.serving import Server, server_config
 from service.obs.logs import configure_logging
 from service.rotation.rules import RotationRules
 from service.settings import Settings
@@ -91,7 +91,7 @@ async def serve_until_stopped(settings: Settings, *, started: asyncio.Event | No
     app = create_app(settings)
     # HttpProtocol (one send per response, bounded request heads), the concurrency limit, and
     # HTTPS when SECRETS_TLS_CERT/KEY are set: a key that does not load is a ConfigError here.
-    server = uvicorn.Server(server_config(app, settings))
+    server = Server(server_config(app, settings))
     if started is not None:
         watcher = asyncio.get_running_loop().create_task(_signal_started(server, started))
     try:

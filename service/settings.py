@@ -75,6 +75,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rotation_lease: float = 60.0
     # Seconds between sweeps turning change requests past their time `expired`.
     approval_sweep_interval: float = 30.0
+    # Watch streams (SSE): seconds between keep-alive comments, streams per instance and per
+    # caller (429 beyond), events queued for one stream before a slow reader is cut off.
+    watch_heartbeat: float = 15.0
+    watch_max_streams: int = 2000
+    watch_max_per_caller: int = 16
+    watch_queue: int = 256
     instance_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __repr__(self) -> str:
@@ -171,6 +177,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "rotation_scan_interval": _positive_float,
             "rotation_lease": _positive_float,
             "approval_sweep_interval": _positive_float,
+            "watch_heartbeat": _positive_float,
+            "watch_max_streams": _int_between(1, 1_000_000),
+            "watch_max_per_caller": _int_between(1, 100_000),
+            "watch_queue": _int_between(1, 1_000_000),
             "instance_id": _subject_token,
         }
         for name, parse in optional.items():

@@ -31,14 +31,14 @@ from devstack.stack import least_privilege_token
 from events.bus import EventBus
 from service.http.app import create_app
 from service.http.protocol import HttpProtocol
-from service.http.serving import server_config
+from service.http.serving import Server, server_config
 from service.obs.logs import JsonFormatter
 from service.settings import Settings
 from service.vault.backend import HvacBackend
 from service.vault.protocol import VaultBackend
 
 
-class _Server(uvicorn.Server):
+class _Server(Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # tests keep their own signal handling

@@ -51,6 +51,7 @@ def create_app(
             # not take.
             Route("/secrets/{rest:path}", secret_endpoint, methods=HTTP_METHODS),
             Route("/secrets:list", secret_endpoint, methods=HTTP_METHODS),  # the top of the tree
+            Route("/secrets:watch", secret_endpoint, methods=HTTP_METHODS),
             # These answer 405 themselves too (JSON, with the exact Allow).
             Route("/changes", changes.changes_endpoint, methods=HTTP_METHODS),
             Route("/changes/{rest:path}", changes.change_endpoint, methods=HTTP_METHODS),

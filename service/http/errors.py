@@ -49,6 +49,8 @@ async def error_response(request: Request, exc: Exception) -> Response:
         body = ErrorBody(exc.code, exc.detail)
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = exc.www_authenticate
+    elif exc.status == 429:
+        headers["Retry-After"] = "1"  # too many watch streams: one may close any moment
     elif isinstance(exc, Forbidden | AuditUnavailable):
         reason = "no_grant" if isinstance(exc, Forbidden) else "audit_unavailable"
         trace_of(request).reason = reason

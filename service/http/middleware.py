@@ -51,7 +51,14 @@ class TraceMiddleware:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
                 op = trace.op
-                if audit is not None and op is not UNSET and audit.must_confirm(op):
+                # A watch stream is recorded when it ends (start_op refused it already if no
+                # sink works): holding it until then would hold it for hours.
+                if (
+                    audit is not None
+                    and op is not UNSET
+                    and op != "watch"
+                    and audit.must_confirm(op)
+                ):
                     held = [message]
                     return
             elif held is not None:

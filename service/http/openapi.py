@@ -122,6 +122,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         **_lifecycle_paths(),
         **_rotation_paths(),
         **_change_paths(),
+        **_watch_paths(),
         "/healthz": {"get": _plain("alive", "Liveness")},
         "/readyz": {"get": _plain("ready: Vault and NATS answer (else 503)", "Readiness")},
         "/metrics": {"get": _plain("Prometheus text exposition", "Metrics", "text/plain")},
@@ -283,6 +284,47 @@ _CHANGE_ID = {
     "description": "A change request's id: 32 lowercase hex digits",
     "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
 }
+
+
+def _watch_paths() -> dict[str, Any]:
+    stream = {
+        "description": "Server-Sent Events: `id: <stream sequence>`, `event: <type>`, `data: "
+        "<change event JSON>` for each change the caller may read (never a value); a "
+        "`: keep-alive` comment every 15 s; `event: reset` when Last-Event-ID is older than "
+        "the stream keeps; `event: end` (token_expired, overflow, shutdown) before it closes",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    last_id = {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "Resume right after this stream sequence",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+    }
+
+    def op(name: str, summary: str) -> dict[str, Any]:
+        return {
+            "operationId": name,
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "parameters": [last_id],
+            "responses": {
+                "200": stream,
+                **_COMMON_ERRORS,
+                "405": _METHOD_NOT_ALLOWED,
+                "429": _error("too_many_streams: per caller or per instance; retry later"),
+            },
+        }
+
+    return {
+        "/secrets/{prefix}:watch": {
+            "parameters": [_PREFIX_PARAM],
+            "get": op("watchSecrets", "Changes at or below a prefix the caller may read (SSE)"),
+        },
+        "/secrets:watch": {
+            "get": op("watchAllSecrets", "Every change the caller may read (SSE)"),
+        },
+    }
 
 
 def _query(name: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from service.rotation.rules import RotationRules
 from service.rotation.schedule import Scheduler
 from service.settings import Settings
 from service.vault import HvacBackend, VaultBackend
+from service.watch.feed import WatchFeed
 
 __all__ = ["Readiness", "lifespan"]
 
@@ -146,6 +147,16 @@ async def _open(
             scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
             await _run_in_background(stack, scheduler.run())
         approvals = Approvals(manager, approval_rules, events=events, audit=audit)
+        watch_feed = WatchFeed(
+            events,
+            coherence=manager,
+            max_streams=settings.watch_max_streams,
+            max_per_caller=settings.watch_max_per_caller,
+            queue_size=settings.watch_queue,
+        )
+        await watch_feed.start()
+        stack.push_async_callback(watch_feed.aclose)
+        await _run_in_background(stack, watch_feed.watchdog())
         if approval_rules.rules:
             # Every instance sweeps; each request turns expired once (a CAS write of its own).
             await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))
@@ -156,6 +167,7 @@ async def _open(
             rotation=rotation,
             scheduler=scheduler,
             approvals=approvals,
+            watch=watch_feed,
         )
         if settings.metrics_port:
             await _serve_metrics(stack, metrics, settings.host, settings.metrics_port)
@@ -178,7 +190,9 @@ async def _open(
         app.state.audit = audit
         app.state.rotation = rotation
         app.state.approvals = approvals
+        app.state.watch_feed = watch_feed
         yield {
+            "watch_feed": watch_feed,
             "rotation": rotation,
             "approvals": approvals,
             "manager": manager,

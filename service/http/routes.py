@@ -17,7 +17,7 @@ from schemas.api import ErrorBody
 from schemas.errors import InvalidPath, NotFound
 from schemas.paths import split_custom_method, validate_path, validate_prefix
 from service.auth import Principal
-from service.http import changes, lifecycle, listing, rotation, secrets
+from service.http import changes, lifecycle, listing, rotation, secrets, watch
 from service.http.access import authenticate
 from service.http.responses import NO_STORE, json_response
 from service.http.trace import trace_of
@@ -38,6 +38,7 @@ METHODS: dict[tuple[str, str | None], Handler] = {
     ("POST", "rotate"): rotation.rotate,
     ("GET", "rotation"): rotation.rotation,
     ("POST", "propose"): changes.propose,
+    ("GET", "watch"): watch.watch,
 }
 """Every handler of `/secrets/{path}`, keyed by (HTTP method, custom verb or None)."""
 
@@ -47,14 +48,14 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 async def secret_endpoint(request: Request) -> Response:
     principal = await authenticate(request)
-    # /secrets:list has no path parameter: it is the listing of the top of the tree.
-    rest: str = request.path_params.get("rest", ":list")
+    # /secrets:list and /secrets:watch have no path parameter: they are about the whole tree.
+    rest: str = request.path_params.get("rest") or request.scope["path"].removeprefix("/secrets")
     if not request.scope["path"].endswith(rest):
         # A route's regex ends in `$`, which also matches before a final newline: for
         # `/secrets/app/db%0A` the parameter is `app/db`. The path as received decides.
         raise InvalidPath("a path or custom method must not end with a line break")
     path, verb = split_custom_method(rest)
-    if verb == "list":
+    if verb in ("list", "watch"):
         validate_prefix(path)
     else:
         validate_path(path)

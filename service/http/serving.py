@@ -12,7 +12,7 @@ from schemas.errors import ConfigError
 from service.http.protocol import HttpProtocol
 from service.settings import Settings
 
-__all__ = ["server_config", "tls_context"]
+__all__ = ["Server", "server_config", "tls_context"]
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -41,6 +41,17 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 def _no_passphrase() -> bytes:
     # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
     raise ValueError("the private key is encrypted")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's Server, ending the app's watch streams first when it stops: uvicorn waits for
+    every response to finish, and a stream would otherwise run until its token expires."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        feed = getattr(getattr(self.config.app, "state", None), "watch_feed", None)
+        if feed is not None:
+            feed.stop_all()
+        await super().shutdown(sockets)
 
 
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:

@@ -22,6 +22,7 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_rotation_last_success_timestamp_seconds
     secrets_rotations_overdue                    secrets_rotations_stalled
     secrets_change_transitions_total{type}
+    secrets_watch_streams                        secrets_watch_overflows_total
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from service.core.manager import SecretsManager
     from service.rotation.coordinator import Coordinator
     from service.rotation.schedule import Scheduler
+    from service.watch.feed import WatchFeed
 
 __all__ = ["VAULT_ERRORS", "VAULT_OPS", "Metrics"]
 
@@ -121,11 +123,14 @@ class Metrics:
         rotation: Coordinator | None = None,
         scheduler: Scheduler | None = None,
         approvals: Approvals | None = None,
+        watch: WatchFeed | None = None,
     ) -> None:
         """Read the plain counters of these objects at each scrape (once per app)."""
         if self._collector is not None:
             self.registry.unregister(self._collector)
-        self._collector = _StateCollector(manager, bus, audit, rotation, scheduler, approvals)
+        self._collector = _StateCollector(
+            manager, bus, audit, rotation, scheduler, approvals, watch
+        )
         self.registry.register(self._collector)
         if bus is not None:
             bus.lag_observer = self.event_lag.observe
@@ -179,7 +184,9 @@ class _StateCollector(Collector):
         rotation: Coordinator | None = None,
         scheduler: Scheduler | None = None,
         approvals: Approvals | None = None,
+        watch: WatchFeed | None = None,
     ) -> None:
+        self.watch = watch
         self.manager = manager
         self.bus = bus
         self.audit = audit
@@ -263,6 +270,16 @@ class _StateCollector(Collector):
                 "Change-request transitions this instance made, by event type",
                 "type",
                 self.approvals.transitions,
+            )
+        if self.watch is not None:
+            yield GaugeMetricFamily(
+                "secrets_watch_streams", "Watch streams (SSE) open on this instance",
+                len(self.watch.watches),
+            )  # fmt: skip
+            yield _counter(
+                "secrets_watch_overflows",
+                "Watch streams cut off because their reader fell behind",
+                self.watch.overflows,
             )
 
 

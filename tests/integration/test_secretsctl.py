@@ -117,8 +117,9 @@ async def test_help_documents_every_exit_code_and_the_environment(ctl: Ctl) -> N
     assert result.code == 0
     for code, meaning in EXIT_CODES.items():
         assert f"  {code}  {meaning}" in result.stdout
-    for variable in ("SECRETS_URL", "SECRETS_TOKEN", "SECRETS_NATS_URL"):
+    for variable in ("SECRETS_URL", "SECRETS_TOKEN"):
         assert variable in result.stdout
+    assert "NATS_URL" not in result.stdout  # watch goes through the service now
     assert sorted(EXIT_CODES) == list(range(10))
 
 
@@ -268,7 +269,7 @@ async def test_watch_prints_one_json_line_per_change(ctl: Ctl) -> None:
         f"{base}/**",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=ctl.env(None, SECRETS_NATS_URL=ctl.nats_url),
+        env=ctl.env("reader"),  # the service's watch stream: no NATS settings needed
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -276,11 +277,13 @@ async def test_watch_prints_one_json_line_per_change(ctl: Ctl) -> None:
         assert ready["watching"] == f"{base}/**"
         path = f"{base}/db"
         await ctl("put", path, "--version", "0", stdin='{"k": "v"}')
-        # A change outside the pattern, accepted, that the watch must leave out.
+        # Changes outside the pattern, accepted, that the watch must leave out: one beside the
+        # prefix, one below it that the glob does not match.
         elsewhere = await ctl(
             "put", f"app/elsewhere-{uuid.uuid4().hex[:6]}", "--version", "0", stdin='{"k": "v"}'
         )
         assert elsewhere.code == 0, elsewhere
+        await ctl("put", base, "--version", "0", stdin='{"k": "v"}')  # `base/**` is below base
         await ctl("delete", path)
         lines = [await asyncio.wait_for(proc.stdout.readline(), 10) for _ in range(2)]
     finally:
@@ -296,40 +299,65 @@ async def test_watch_prints_one_json_line_per_change(ctl: Ctl) -> None:
     assert all("data" not in c for c in changes)
 
 
-async def test_watch_with_nats_unreachable_exits_8(ctl: Ctl) -> None:
-    unreachable = f"nats://127.0.0.1:{free_port()}"
-    result = await ctl("watch", "--connect-timeout", "0.5", who=None, SECRETS_NATS_URL=unreachable)
-    assert result.code == 8 and result.error["error"] == "unavailable"
-
-
-async def test_watch_takes_its_nats_credentials_and_tls_files_from_the_environment(
-    ctl: Ctl, tmp_path: Path
-) -> None:
-    # Each file is read before NATS is dialled: a bad one is named, so each variable is wired.
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("not a PEM file\n")
-    for variable, expected in (
-        ("SECRETS_NATS_TLS_CA", "CA bundle"),
-        ("SECRETS_NATS_CREDS", "credentials"),
-    ):
-        result = await ctl(
-            "watch",
-            "--connect-timeout",
-            "0.5",
-            who=None,
-            SECRETS_NATS_URL=ctl.nats_url,
-            **{variable: str(tmp_path / "missing.pem")},
-        )
-        assert result.code == 7, (variable, result)
-        assert expected in result.error["detail"], (variable, result.error)
-    result = await ctl(
+async def test_watch_from_a_sequence_replays_the_changes_since(ctl: Ctl) -> None:
+    base = f"app/ctl-{uuid.uuid4().hex[:10]}"
+    for n in range(2):
+        await ctl("put", f"{base}/db", "--version", str(n), stdin='{"k": "v"}')
+    first = await _first_line(ctl, "watch", base)  # from now on: nothing yet
+    assert first is None
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
         "watch",
-        "--connect-timeout",
-        "0.5",
-        who=None,
-        SECRETS_NATS_URL=ctl.nats_url,
-        SECRETS_NATS_TLS_CERT=str(garbage),
-        SECRETS_NATS_TLS_KEY=str(garbage),
+        base,
+        "--from-sequence",
+        "1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ctl.env("reader"),
     )
-    assert result.code == 7, result
-    assert "certificate" in result.error["detail"].lower(), result.error
+    assert proc.stdout is not None
+    try:
+        lines = [await asyncio.wait_for(proc.stdout.readline(), 10) for _ in range(2)]
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert [json.loads(line)["version"] for line in lines] == [1, 2]
+
+
+async def _first_line(ctl: Ctl, *args: str) -> str | None:
+    """The first stdout line of a command within a second of it starting to watch, or None."""
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ctl.env("reader"),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        await asyncio.wait_for(proc.stderr.readline(), 15)
+        try:
+            return (await asyncio.wait_for(proc.stdout.readline(), 1)).decode() or None
+        except TimeoutError:
+            return None
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_watch_with_the_service_unreachable_exits_8(ctl: Ctl) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    result = await ctl("watch", "--connect-timeout", "0.5", who="reader", SECRETS_URL=unreachable)
+    assert result.code == 8 and result.error["error"] == "unreachable"
+
+
+async def test_watch_refusals_exit_with_their_codes(ctl: Ctl) -> None:
+    results = await asyncio.gather(
+        ctl("watch", who=None),  # no SECRETS_TOKEN
+        ctl("watch", "ops", who="reader"),  # nothing readable below it: 403
+        ctl("watch", "app/../x", who="reader"),  # checked before any request
+        ctl("watch", "app/**/**", who="reader"),  # not a glob
+        ctl("watch", who="reader", SECRETS_TOKEN="not-a-jwt"),
+    )
+    assert [r.code for r in results] == [6, 5, 7, 7, 6], results
+    assert results[1].error["error"] == "forbidden"
