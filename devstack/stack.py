@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from devstack.nats import NatsServer
-from devstack.oidc import DEV_POLICY_TOML, OidcIssuer, configure_oidc
+from devstack.oidc import DEV_POLICY_TOML, DEV_ROTATION_TOML, OidcIssuer, configure_oidc
 from devstack.openbao import OpenBaoServer
 from devstack.processes import free_port
 from service.cli import serve_until_stopped
@@ -55,7 +55,7 @@ def run_dev(*, port: int = 8080) -> int:
         service_token = least_privilege_token(bao.addr, bao.root_token)
         _seed(bao.addr, bao.root_token)
         policy_file = workdir / "policy.toml"
-        policy_file.write_text(DEV_POLICY_TOML)
+        policy_file.write_text(DEV_POLICY_TOML + DEV_ROTATION_TOML)
         if not _port_free(port):
             port = free_port()
         settings = Settings.from_environ(
