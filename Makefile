@@ -44,7 +44,8 @@ RELIABILITY_TESTS := tests/reliability/test_reliability_cluster.py tests/reliabi
 	tests/unit/service/auth/test_oidc_refresh.py tests/unit/service/vault/test_backend.py tests/unit/service/http/test_protocol.py \
 	tests/unit/service/http/test_serving.py tests/unit/service/core/test_listing.py tests/unit/schemas/test_globs.py \
 	tests/unit/service/core/test_coherence.py tests/unit/events/test_bus.py \
-	tests/integration/test_rotation_cluster.py tests/integration/test_rotation_crash.py
+	tests/integration/test_rotation_cluster.py tests/integration/test_rotation_crash.py \
+	tests/integration/test_watch_cluster.py
 reliability: $(STAMP)
 	rm -f bench/results/reliability.jsonl
 	RELIABILITY_FIGURES=bench/results/reliability.jsonl $(BIN)/pytest $(RELIABILITY_TESTS)
