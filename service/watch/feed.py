@@ -310,7 +310,10 @@ class WatchFeed:
                 if decoded is not None and watch.wants(decoded[0].path):
                     yield (sequence, decoded[1], msg.data)
                 watch.floor = sequence
-                if msg.metadata.num_pending == 0 or sequence >= last:
+                # Up to `last` as the stream's leader reported it, not until `num_pending` says
+                # 0: a consumer placed on a replica still catching up (a node just back) counts
+                # pending against that replica's copy, and stopping there skipped an event.
+                if sequence >= last:
                     break
         finally:
             try:

@@ -11,14 +11,9 @@ import uuid
 from typing import Any
 
 import httpx
-import pytest
 
 from devstack import NatsServer, OidcIssuer, OpenBaoEndpoint
 from tests.support import bearer, cluster_services, eventually, write_policy
-
-# Still intermittent (about one run in six times out waiting for the replay after the node comes
-# back): kept out of `make test` and run by `make reliability` until the cause is found.
-pytestmark = pytest.mark.slow
 
 
 async def next_event(lines: Any, timeout: float = 15.0) -> dict[str, str]:

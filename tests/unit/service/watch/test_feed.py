@@ -134,3 +134,41 @@ async def test_this_instance_applies_an_event_before_any_stream_hears_of_it() ->
     )
     await hub._on_message(msg)
     assert handler.changes == [("app/db", 4)] and seen == [1]
+
+
+class ReplayJs(Js):
+    """A replay consumer on a replica still catching up: it says nothing is pending at each
+    message, though the stream's leader reported a newer last sequence."""
+
+    def __init__(self) -> None:
+        self.subscribed_from = 0
+
+    async def subscribe(self, subject: str, **options: Any) -> Any:
+        self.subscribed_from = options["config"].opt_start_seq
+        messages = [
+            SimpleNamespace(
+                data=frame(sequence)[0][2],
+                subject="secrets.changed.app.db",
+                metadata=SimpleNamespace(sequence=SimpleNamespace(stream=sequence), num_pending=0),
+            )
+            for sequence in range(self.subscribed_from, 8)
+        ]
+
+        class Sub:
+            async def next_msg(self, timeout: float) -> Any:
+                return messages.pop(0)
+
+            async def unsubscribe(self) -> None:
+                pass
+
+        return Sub()
+
+
+async def test_a_replay_goes_on_to_the_last_sequence_whatever_num_pending_says() -> None:
+    bus = Bus()
+    bus.js = ReplayJs()  # type: ignore[assignment]
+    hub = WatchFeed(bus)  # type: ignore[arg-type]
+    watch = hub.open("bob", "", lambda path: True)
+    got = [item async for item in hub.replay(watch, 4)]
+    assert [item[0] for item in got if isinstance(item, tuple)] == [5, 6, 7]
+    assert watch.floor == 7
