@@ -17,6 +17,7 @@ from devstack.processes import (
     free_port,
     wait_for_kv,
 )
+from devstack.raft import OpenBaoCluster
 from devstack.service_process import ServiceProcess
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "NatsEndpoint",
     "NatsServer",
     "OidcIssuer",
+    "OpenBaoCluster",
     "OpenBaoEndpoint",
     "OpenBaoServer",
     "PostgresServer",

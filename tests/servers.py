@@ -21,6 +21,7 @@ from devstack import (
     NatsEndpoint,
     NatsServer,
     OidcIssuer,
+    OpenBaoCluster,
     OpenBaoEndpoint,
     OpenBaoServer,
     PostgresServer,
@@ -198,3 +199,19 @@ def nats_cluster() -> Iterator[list[NatsServer]]:
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture(scope="module")
+def openbao_raft() -> Iterator[OpenBaoCluster]:
+    """A three-node OpenBao Raft cluster (`.addrs`, `.vault_addr`, `.root_token`, `.leader()`,
+    `.kill(i)`, `.start_node(i)`), of the module's own: its tests kill and restart nodes, and
+    leave all three running and healthy."""
+    cluster = OpenBaoCluster(3)
+    try:
+        cluster.start()
+    except BinaryNotFound as exc:
+        skip_unless_required(f"OpenBao is not available: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

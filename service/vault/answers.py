@@ -19,6 +19,8 @@ __all__ = [
     "LookupAnswer",
     "MetadataAnswer",
     "ReadAnswer",
+    "TokenInfo",
+    "TokenLookupAnswer",
     "WriteAnswer",
     "error_answer",
     "metadata_answer",
@@ -75,6 +77,7 @@ class ListAnswer(msgspec.Struct):
 class LoginAuth(msgspec.Struct):
     client_token: Annotated[str, msgspec.Meta(min_length=1)]
     lease_duration: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: never expires
+    renewable: bool = False
 
 
 class LoginAnswer(msgspec.Struct):
@@ -83,6 +86,15 @@ class LoginAnswer(msgspec.Struct):
 
 class LookupAnswer(msgspec.Struct):
     data: dict[str, Any]
+
+
+class TokenInfo(msgspec.Struct):
+    ttl: Annotated[int, msgspec.Meta(ge=0)] = 0  # seconds left; 0: never expires
+    renewable: bool = False
+
+
+class TokenLookupAnswer(msgspec.Struct):
+    data: TokenInfo
 
 
 class ErrorAnswer(msgspec.Struct):

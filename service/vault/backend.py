@@ -1,13 +1,10 @@
 """The real VaultBackend: `HvacBackend`, a secret's read, CAS write and metadata over aiohttp on
-the event loop (the hot path), the rest through hvac in worker threads, and the AppRole login."""
+the event loop (the hot path), the rest through hvac in worker threads, and the token's calls
+(login, renew-self, lookup-self) that service.vault.identity drives."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
 import logging
-import math
 import os
 import ssl
 import time
@@ -20,7 +17,6 @@ import anyio
 import hvac
 import msgspec
 import requests
-from aiohttp.helpers import get_env_proxy_for_url
 from anyio import to_thread
 from yarl import URL
 
@@ -39,6 +35,7 @@ from service.vault.answers import (
     LoginAnswer,
     LookupAnswer,
     ReadAnswer,
+    TokenLookupAnswer,
     metadata_answer,
     read_answer,
     secret_metadata,
@@ -49,9 +46,10 @@ from service.vault.errors import (
     Malformed,
     check_done,
     mapped,
-    mapped_call,
     status_error,
 )
+from service.vault.identity import Grant, LoginMethod, VaultIdentity, login_method
+from service.vault.nodes import Node, NodeRing, hvac_node_failure, retry_on_next
 from service.vault.protocol import CallObserver
 
 __all__ = ["MAX_ANSWER", "HvacBackend"]
@@ -67,7 +65,8 @@ _encode = msgspec.json.Encoder().encode
 
 class HvacBackend:
     """KV v2: reads, CAS writes and metadata over aiohttp, the rest through hvac in a bounded
-    thread pool. One token (hvac's, replaced by an AppRole login when it is gone) serves both.
+    thread pool. One token serves both: `identity` (service.vault.identity) obtains it with
+    `login`, keeps it alive while `keep_token` runs and replaces it when Vault refuses it.
 
     The aiohttp side is one `aiohttp.ClientSession` (keep-alive HTTP/1.1, a bounded pool,
     interim 1xx answers skipped, proxies from the environment); hvac, which is synchronous,
@@ -75,17 +74,25 @@ class HvacBackend:
     its call expects (`service.vault.answers`), and every failure becomes one of schemas.errors
     in `service.vault.errors.mapped`: no hvac, requests, aiohttp or HTTP type leaves the class.
 
-    `relogin_interval`: with AppRole, the least time between two checks of a refused token
-    (and so between two logins after the first); concurrent callers share the one check.
+    `addr`: one address, or the nodes of an HA cluster (a sequence, or comma-separated). Both
+    clients use one node at a time and move on to the next when it fails a call, as
+    `service.vault.nodes.retry_on_next` allows: a read at once, a CAS write only when it was
+    surely not applied (else 503: the caller reads the version and decides).
+
+    `auth`: how to log in (token, AppRole or JWT); without it, AppRole when `role_id` and
+    `secret_id` are given, else `token`. `relogin_interval`: with a login method, the least
+    time between two checks of a refused token (and so between two logins a request causes);
+    concurrent callers share the one check.
     """
 
     def __init__(
         self,
-        addr: str,
+        addr: str | Sequence[str],
         *,
         token: str | None = None,
         role_id: str | None = None,
         secret_id: str | None = None,
+        auth: LoginMethod | None = None,
         mount: str = "secret",
         timeout: float = 5.0,
         concurrency: int = 32,
@@ -94,11 +101,15 @@ class HvacBackend:
         max_answer: int = MAX_ANSWER,
     ) -> None:
         self.observer = observer
-        addr = addr.rstrip("/")
+        # Several addresses: the nodes of one HA cluster; a call moves on when one fails.
+        self._ring = NodeRing(
+            [a.strip() for a in (addr.split(",") if isinstance(addr, str) else addr) if a.strip()]
+        )
+        addr = self._ring.current.addr
         # The CA bundle requests would use, named once for both clients so they cannot differ.
         ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or requests.utils.DEFAULT_CA_BUNDLE_PATH
         self._tls: ssl.SSLContext | None = None
-        if addr.startswith("https://"):
+        if any(node.addr.startswith("https://") for node in self._ring.nodes):
             try:
                 self._tls = ssl.create_default_context(cafile=ca_bundle)
             except (OSError, ssl.SSLError):
@@ -117,48 +128,36 @@ class HvacBackend:
             allow_redirects=False,
         )
         self._requests = session
-        self._approle = (role_id, secret_id) if role_id and secret_id else None
         self._mount = mount
         self._timeout = timeout
         self._concurrency = concurrency
         self._max_answer = max_answer
-        # The proxy the environment names for Vault (HTTPS_PROXY or HTTP_PROXY, unless NO_PROXY
-        # covers it), as requests (hvac) and aiohttp's trust_env read it: read once here, not
-        # per request as trust_env does (two thread hops and a ~/.netrc read every call).
-        self._proxy: URL | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
-        with contextlib.suppress(LookupError):
-            self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(addr))
-        self._data_url = f"{addr}/v1/{quote(mount)}/data/"
-        self._metadata_url = f"{addr}/v1/{quote(mount)}/metadata/"
+        # After a node's `/v1/` (`Node.api`, where each node's proxy is read from the
+        # environment as requests and aiohttp's trust_env would).
+        self._data_url = f"{quote(mount)}/data/"
+        self._metadata_url = f"{quote(mount)}/metadata/"
         self._limiter = anyio.CapacityLimiter(concurrency)
         # run_sync's own; `_limiter` is taken first, to look at the clock before a thread starts.
         self._workers = anyio.CapacityLimiter(concurrency)
         self._kv = self._client.secrets.kv.v2
         self._http: aiohttp.ClientSession | None = None  # made on the running loop, when needed
         self._closed = False
-        self._relogin_interval = relogin_interval
-        self._relogin_lock = asyncio.Lock()
-        self._next_token_check = 0.0  # monotonic
-        self._token_expires = math.inf  # monotonic; the AppRole login's lease end
+        method = auth or login_method(token=token, role_id=role_id, secret_id=secret_id)
+        self.identity = VaultIdentity(method, _TokenCalls(self), relogin_interval=relogin_interval)
 
     async def login(self) -> None:
-        """With AppRole credentials, log in (again); with a token, nothing to do."""
-        if self._approle is None:
-            return
-        started = time.monotonic()
-        lease = await self._call("login", "", self._threaded("login", "", self._approle_login))
-        self._token_expires = started + lease if lease else math.inf
+        """Log in with a login method (raises when Vault refuses); a given token is put to use
+        as it is (`keep_token` learns its lease)."""
+        await self.identity.start()
 
-    def _approle_login(self) -> int:
-        assert self._approle is not None
-        role_id, secret_id = self._approle
-        answer = self._client.auth.approle.login(
-            role_id=role_id, secret_id=secret_id, use_token=False
-        )
-        auth = msgspec.convert(answer, LoginAnswer).auth
-        self._client.token = auth.client_token
-        return auth.lease_duration
+    async def keep_token(self) -> None:
+        """Renew the token, or log in again, before it expires; until cancelled."""
+        await self.identity.run()
+
+    @property
+    def node_switches(self) -> int:
+        """How many times calls moved on from a failed Vault node to the next one."""
+        return self._ring.switches
 
     async def read(self, path: str, version: int | None = None) -> Secret:
         url = self._data_url + quote(path)
@@ -284,8 +283,40 @@ class HvacBackend:
             )
         return http
 
-    async def _exchange(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
-        """One request, its answer's status and whole body (at most `max_answer` bytes).
+    async def _send(
+        self, method: str, url: str, body: bytes | None, *, idempotent: bool
+    ) -> tuple[int, bytes]:
+        """`_exchange` with the node in use, then with the next ones as far as `retry_on_next`
+        allows (`idempotent`: the call does the same when sent twice): the last node's answer,
+        or its failure."""
+        node = self._ring.current
+        tries_left = len(self._ring) - 1
+        while True:
+            try:
+                status, payload = await self._exchange(method, node, url, body)
+            except (aiohttp.ClientError, OSError) as exc:
+                if not tries_left or not retry_on_next(None, b"", exc, idempotent=idempotent):
+                    raise
+            else:
+                if (
+                    status == 200
+                    or not tries_left
+                    or not retry_on_next(status, payload, None, idempotent=idempotent)
+                ):
+                    return status, payload
+            node = self._move_on(node)
+            tries_left -= 1
+
+    def _move_on(self, failed: Node) -> Node:
+        node = self._ring.move_on(failed)
+        self._client.url = node.addr  # hvac follows: the same node for every call
+        return node
+
+    async def _exchange(
+        self, method: str, node: Node, url: str, body: bytes | None
+    ) -> tuple[int, bytes]:
+        """One request to `node` (`url` after its `/v1/`), its answer's status and whole body
+        (at most `max_answer` bytes).
 
         aiohttp skips interim 1xx answers, never reuses a connection left with unread bytes,
         and sends a GET once more when its connection turns out closed before any answer (a
@@ -299,12 +330,12 @@ class HvacBackend:
             headers["Content-Type"] = "application/json"
         async with self._session().request(
             method,
-            URL(url, encoded=True),
+            URL(node.api + url, encoded=True),
             data=body,
             headers=headers,
             allow_redirects=False,
-            proxy=self._proxy,
-            proxy_auth=self._proxy_auth,
+            proxy=node.proxy,
+            proxy_auth=node.proxy_auth,
         ) as response:
             length = response.content_length
             if length is not None:
@@ -336,7 +367,7 @@ class HvacBackend:
         async def attempt() -> T:
             with mapped(op, path):
                 async with self._limiter:
-                    status, payload = await self._exchange(method, url, body)
+                    status, payload = await self._send(method, url, body, idempotent=op != "write")
                 if status != 200:  # 204, 3xx, 101: nothing this call expects either
                     raise status_error(status, payload, method, url)
                 answer = decoder.decode(payload)
@@ -349,7 +380,9 @@ class HvacBackend:
     # -- hvac in threads -----------------------------------------------------------------------
 
     def _threaded(self, op: str, path: str, fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-        """An hvac call as an attempt for `_call`: run in a worker thread."""
+        """An hvac call as an attempt for `_call`: run in a worker thread, on the node in use,
+        then on the next ones while it fails there (every hvac call does the same when sent
+        twice: listings, token calls, version deletes)."""
 
         async def attempt() -> T:
             # A call started later than this would outlive its caller's deadline, as a thread
@@ -361,11 +394,19 @@ class HvacBackend:
                     # each slot, freed by an abandoned call, to the next late caller: one more
                     # abandoned thread (and Vault request) per queued request.
                     raise TimeoutError
-                return await to_thread.run_sync(
-                    functools.partial(mapped_call, op, path, fn),
-                    limiter=self._workers,
-                    abandon_on_cancel=True,
-                )
+                node = self._ring.current
+                tries_left = len(self._ring) - 1
+                with mapped(op, path):
+                    while True:
+                        try:
+                            return await to_thread.run_sync(
+                                fn, limiter=self._workers, abandon_on_cancel=True
+                            )
+                        except Exception as exc:
+                            if not tries_left or not hvac_node_failure(exc):
+                                raise
+                        node = self._move_on(node)
+                        tries_left -= 1
 
         return attempt
 
@@ -376,32 +417,9 @@ class HvacBackend:
         try:
             return await self._observed(op, path, attempt)
         except VaultAccessDenied:
-            if self._approle is None or op == "login" or not await self._replace_token(refused):
+            if not await self.identity.replace(refused):
                 raise
         return await self._observed(op, path, attempt)
-
-    async def _replace_token(self, refused: str | None) -> bool:
-        """After Vault refused the token `refused`: True when there is a new one to try.
-
-        A 403 may be the policy's answer, not the token's end: log in again only when the token
-        is past its lease or lookup-self refuses it too, and check at most once per
-        `relogin_interval`, so that no caller can make the service mint AppRole tokens."""
-        async with self._relogin_lock:  # concurrent callers wait for the one check
-            if self._client.token != refused:
-                return True  # replaced meanwhile
-            now = time.monotonic()
-            if now < self._next_token_check:
-                return False
-            self._next_token_check = now + self._relogin_interval
-            if now < self._token_expires:
-                try:
-                    await self._observed("ping", "", self._threaded("ping", "", self._lookup_self))
-                    return False  # the token is good: the policy refused
-                except VaultAccessDenied:
-                    pass  # revoked
-            log.warning("the AppRole token is gone: logging in again")
-            await self.login()
-            return True
 
     async def _observed(self, op: str, path: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` under the call's deadline and tell the observer how it went."""
@@ -424,3 +442,44 @@ class HvacBackend:
         finally:
             if self.observer is not None:
                 self.observer(op, time.perf_counter() - started, error)
+
+
+class _TokenCalls:
+    """Vault's token endpoints through the backend's hvac client, in its worker threads, each
+    call timed and observed; what `VaultIdentity` drives (service.vault.identity.AuthCalls)."""
+
+    def __init__(self, backend: HvacBackend) -> None:
+        self._backend = backend
+
+    def use(self, token: str | None) -> None:
+        self._backend._client.token = token
+
+    async def log_in(self, mount: str, credentials: Mapping[str, str]) -> Grant:
+        url = f"/v1/auth/{quote(mount)}/login"
+
+        def call() -> Grant:
+            answer = self._backend._client.adapter.post(url, json=dict(credentials))
+            auth = msgspec.convert(answer, LoginAnswer).auth
+            return Grant(auth.client_token, auth.lease_duration, auth.renewable)
+
+        return await self._run("login", call)
+
+    async def renew_self(self) -> Grant:
+        def call() -> Grant:
+            auth = msgspec.convert(self._backend._client.auth.token.renew_self(), LoginAnswer).auth
+            return Grant(auth.client_token, auth.lease_duration, auth.renewable)
+
+        return await self._run("renew", call)
+
+    async def lookup_self(self) -> Grant:
+        def call() -> Grant:
+            answer = self._backend._client.auth.token.lookup_self()
+            info = msgspec.convert(answer, TokenLookupAnswer).data
+            return Grant("", info.ttl, info.renewable)  # "": the token in use
+
+        return await self._run("ping", call)
+
+    async def _run(self, op: str, fn: Callable[[], T]) -> T:
+        backend = self._backend
+        # Not through `_call`: a refused token here is the identity's to handle, not to replace.
+        return await backend._observed(op, "", backend._threaded(op, "", fn))

@@ -45,6 +45,11 @@ def mapped(op: str, path: str) -> Iterator[None]:
     except hvac_errors.InvalidRequest as exc:
         if op == "write" and "check-and-set" in str(exc):
             raise CasMismatch() from None
+        if op == "login":  # Vault answers 400 to credentials it does not take
+            log.error(
+                "vault refused the service's login: check SECRETS_VAULT_AUTH and its credentials"
+            )
+            raise VaultAccessDenied("the secrets backend refused the service's login") from None
         log.error("vault rejected a request", extra={"op": op, "path": path})
         raise VaultUnavailable("the secrets backend rejected the request", path=path) from None
     except (hvac_errors.Forbidden, hvac_errors.Unauthorized):
