@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -34,6 +34,7 @@ from events.connection import (
     is_telling,
     tls_context,
 )
+from events.kv import NatsKv, ensure_bucket
 from events.subjects import approvals_subject, changed_subject, path_from_subject
 from schemas.approvals import ApprovalEvent, approval_event_encoder
 from schemas.errors import ConfigError
@@ -162,6 +163,7 @@ class EventBus:
         tls_key: str | None = None,
         tls_hostname: str | None = None,
         tls_first: bool = False,
+        buckets: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`servers` may carry a user and password (``nats://user:pass@host:4222``); they are
@@ -170,7 +172,8 @@ class EventBus:
         make the connection TLS and check the server against that CA (`tls_hostname`: the name
         its certificate must carry, when not the one in the URL). `tls_first` starts TLS before
         the server's greeting (the server's `tls` block needs `handshake_first: true`), so that
-        nobody on the path can strip TLS and read the credentials sent next."""
+        nobody on the path can strip TLS and read the credentials sent next. `buckets` (name ->
+        ttl seconds) are key-value buckets made at connect, beside the streams, then in `kv`."""
         self.servers = list(servers)
         self.prefix = prefix
         self.instance_id = instance_id
@@ -180,6 +183,8 @@ class EventBus:
         self.credentials = credentials
         self.tls_hostname = tls_hostname
         self.tls_first = tls_first
+        self.buckets = dict(buckets or {})
+        self.kv: dict[str, NatsKv] = {}
         if credentials is not None:
             check_credentials(credentials)
         try:
@@ -269,6 +274,10 @@ class EventBus:
                     max_age=APPROVALS_MAX_AGE,
                     replicas=self.replicas,
                 )
+                for name, ttl in self.buckets.items():
+                    self.kv[name] = await ensure_bucket(
+                        self.js, name, ttl=ttl, replicas=self.replicas
+                    )
                 break
             except (NatsError, JsError, TimeoutError) as exc:
                 if self._last_error is not None and is_telling(self._last_error):
@@ -451,6 +460,9 @@ class EventBus:
             return
         start = datetime.fromtimestamp(since, UTC)
         try:
+            # Up to the last sequence the stream's leader reports, not until `num_pending` says
+            # 0: a consumer on a replica still catching up counts against its own lagging copy.
+            last = int((await self.js.stream_info(CHANGE_STREAM)).state.last_seq)
             sub = await self.js.subscribe(
                 f"{self.prefix}.changed.>",
                 stream=CHANGE_STREAM,  # named: no stream lookup, one permission fewer
@@ -470,7 +482,7 @@ class EventBus:
                 except TimeoutError:
                     break
                 self._handle(msg.data, msg.subject)
-                if msg.metadata.num_pending == 0:
+                if msg.metadata.sequence.stream >= last:
                     break
         except (NatsError, JsError) as exc:
             log.warning("replay interrupted", extra={"error_type": type(exc).__name__})

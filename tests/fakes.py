@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from events.kv import KvConflict, KvEntry, KvError
 from schemas.api import SecretMetadata, VersionMetadata
 from schemas.audit import AuditRecord, audit_decoder
 from schemas.errors import NotFound, VaultUnavailable, VersionConflict
@@ -22,6 +25,7 @@ from schemas.secret import Secret, SecretData
 
 if TYPE_CHECKING:
     from events.bus import ChangeHandler
+    from events.kv import KvStore
     from service.audit.log import AuditPublisher
     from service.core import EventSink
     from service.rotation.logins import Logins
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeClock",
+    "FakeKeyValue",
     "FakeLogins",
     "FakePublisher",
     "FakeVault",
@@ -421,6 +426,109 @@ def forged(kind: type[Any] = SecretUpdated, **fields: Any) -> bytes:
     return event_encoder.encode(kind(**values))
 
 
+class FakeKeyValue:
+    """A JetStream key-value bucket in memory, following `events.kv.KvStore`.
+
+    `create` and `update` compare and set on revisions as JetStream does; a value not rewritten
+    within `ttl` seconds of `clock` is gone, as the bucket's max_age removes it (and, as there,
+    watchers are not told). A watch yields the current values of its keys (with their age),
+    None, then each change. `down = True` makes every call raise KvError; `calls` counts them
+    by method.
+    """
+
+    def __init__(
+        self, *, ttl: float = math.inf, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.down = False
+        self.calls: Counter[str] = Counter()
+        self.revision = 0
+        self._values: dict[str, tuple[int, bytes, float]] = {}  # key -> revision, value, at
+        self._watchers: list[tuple[str, asyncio.Queue[KvEntry | None]]] = []
+
+    def value(self, key: str) -> bytes | None:
+        """What `key` holds now (None: nothing, or expired)."""
+        live = self._live(key)
+        return None if live is None else live[1]
+
+    def keys(self) -> list[str]:
+        return sorted(k for k in list(self._values) if self._live(k) is not None)
+
+    def _live(self, key: str) -> tuple[int, bytes, float] | None:
+        found = self._values.get(key)
+        if found is not None and self.clock() - found[2] >= self.ttl:
+            del self._values[key]
+            return None
+        return found
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.down:
+            raise KvError("bucket unreachable")
+
+    def _store(self, key: str, value: bytes | None) -> int:
+        self.revision += 1
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = (self.revision, value, self.clock())
+        for pattern, queue in self._watchers:
+            if _matches(pattern, key):
+                queue.put_nowait(KvEntry(key, value, self.revision))
+        return self.revision
+
+    async def create(self, key: str, value: bytes) -> int:
+        self._enter("create")
+        if self._live(key) is not None:
+            raise KvConflict(key)
+        return self._store(key, value)
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        self._enter("update")
+        live = self._live(key)
+        if live is None or live[0] != revision:
+            raise KvConflict(key)
+        return self._store(key, value)
+
+    async def put(self, key: str, value: bytes) -> int:
+        self._enter("put")
+        return self._store(key, value)
+
+    async def delete(self, key: str, revision: int | None = None) -> None:
+        self._enter("delete")
+        live = self._live(key)
+        if revision and (live is None or live[0] != revision):
+            raise KvConflict(key)
+        self._store(key, None)
+
+    async def watch(self, pattern: str) -> AsyncGenerator[KvEntry | None, None]:
+        self._enter("watch")
+        queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
+        for key in self.keys():
+            revision, value, at = self._values[key]
+            queue.put_nowait(KvEntry(key, value, revision, self.clock() - at))
+        queue.put_nowait(None)
+        watcher = (pattern, queue)
+        self._watchers.append(watcher)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.remove(watcher)
+
+
+def _matches(pattern: str, key: str) -> bool:
+    """A NATS subject pattern: `*` one token, `>` the rest."""
+    want, have = pattern.split("."), key.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
 if TYPE_CHECKING:
     # mypy proves each fake stands in for the protocol it replaces (tests are type-checked,
     # strict): a method missing or with another signature fails the check before a test runs.
@@ -430,3 +538,4 @@ if TYPE_CHECKING:
     _handler: ChangeHandler = RecordingHandler()
     _publisher: AuditPublisher = FakePublisher()
     _logins: Logins = FakeLogins()
+    _kv: KvStore = FakeKeyValue()

@@ -9,7 +9,7 @@ that arrive out of order cannot roll the cache back.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, ItemsView
 from typing import NamedTuple
 
 from schemas.secret import Secret
@@ -39,6 +39,7 @@ class SecretCache:
         self._entries: LRU[Key, CacheEntry] = LRU(max_entries, on_evict=self._evicted)
         # Plain ints, read by the metrics collector at scrape time: no lock or label lookup here.
         self.evictions = 0
+        self.stores = 0  # puts that changed what is held (a new key or another version)
         self.hits = 0
         self.misses = 0
 
@@ -81,6 +82,8 @@ class SecretCache:
         current = self._entries.get(key)
         if current is not None and current.secret.version > secret.version:
             return  # never replace a newer version with an older one
+        if current is None or current.secret.version != secret.version:
+            self.stores += 1
         self._entries.put(key, CacheEntry(secret, self._clock(), body))
 
     def invalidate(self, path: str, version: int) -> bool:
@@ -106,6 +109,16 @@ class SecretCache:
             return False
         self.evictions += 1
         return True
+
+    @property
+    def generation(self) -> int:
+        """Grows whenever what the cache holds (paths, versions) may have changed: a snapshot
+        taken at one generation is still exact while it has not moved."""
+        return self.stores + self.evictions
+
+    def items(self) -> ItemsView[Key, CacheEntry]:
+        """Every (key, entry), least recently used first: a live view, to iterate at once."""
+        return self._entries.items()
 
     def cached_versions(self) -> dict[str, set[int]]:
         """path -> the versions held for it (latest and pinned), for the out-of-band check."""

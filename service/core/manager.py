@@ -225,6 +225,11 @@ class SecretsManager:
         """Run check_versions every `interval` seconds until cancelled."""
         await self._watcher.run(interval)
 
+    @property
+    def watcher(self) -> VersionWatcher:
+        """The out-of-band check, for the cluster's poller (service.core.poller) to drive."""
+        return self._watcher
+
     # -- listeners: listeners.py -----------------------------------------------------------
 
     def add_listener(self, name: str, callback: Listener) -> None:

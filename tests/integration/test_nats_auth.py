@@ -34,9 +34,10 @@ from devstack import NatsServer, OidcIssuer, OpenBaoEndpoint
 from events.bus import EventBus
 from events.listener import ChangeListener
 from events.subjects import changed_subject
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, NotFound
 from schemas.events import SecretUpdated, event_encoder
 from service.core.manager import SecretsManager
+from service.core.poller import ClusterPoller
 from service.vault.backend import HvacBackend
 from tests.support import (
     LogCapture,
@@ -478,6 +479,46 @@ async def test_a_client_without_a_certificate_of_the_ca_is_refused(
     await bus.aclose()
     assert info.value.setting == "SECRETS_NATS_URL"
     assert SERVICE_PASSWORD not in str(info.value)
+
+
+async def test_the_version_poller_elects_records_and_watches_with_the_services_grants_alone(
+    openbao: OpenBaoEndpoint, oidc: OidcIssuer, tmp_path: Path
+) -> None:
+    """Every key-value call of the poller: buckets made (then updated to another TTL), the
+    lease taken, refused (read back) and given up, the interest written, watched and withdrawn."""
+    with nats_server(auth_block()) as server:
+        service_url = url(server, "service", SERVICE_PASSWORD)
+        policy = write_policy(tmp_path)
+        async with contextlib.AsyncExitStack() as stack:
+            services = []
+            for name, interval in (("a", "0.5"), ("b", "1.5")):  # b updates the lease's TTL
+                settings = service_settings(
+                    openbao, service_url, oidc, policy, instance_id=f"poll-{name}",
+                    vault_poll_interval=interval,
+                )  # fmt: skip
+                services.append(await stack.enter_async_context(running_service(settings)))
+            path = f"app/auth-{uuid.uuid4().hex[:8]}/db"
+            for svc in services:
+                with contextlib.suppress(NotFound):
+                    await svc.state.manager.get(path)
+            await services[0].state.manager.set(path, {"password": "p1"}, 0)
+            for svc in services:
+                await svc.state.manager.get(path)
+            pollers: list[ClusterPoller] = [svc.state.poller for svc in services]
+
+            def settled() -> bool:
+                modes = sorted(p.current_mode().value for p in pollers)
+                leader = next((p for p in pollers if p.leader), None)
+                return (
+                    modes == ["follower", "leader"]
+                    and leader is not None
+                    and path in leader.union.targets()
+                )
+
+            await eventually(settled, timeout=TIMEOUT)
+            await eventually(lambda: sum(p.rounds for p in pollers) >= 2, timeout=TIMEOUT)
+        # Both stopped: the lease given up and the interest withdrawn, with the same grants.
+        assert "Violation" not in server_log(server), "compose's grants are not enough"
 
 
 async def test_after_a_reconnect_the_service_replays_what_it_missed_with_its_grants_alone(

@@ -12,11 +12,13 @@ from collections.abc import Callable
 import pytest
 
 from events.bus import ChangeHandler
+from events.kv import KvStore
 from service.audit.log import AuditPublisher
 from service.core import EventSink
 from service.rotation.logins import Logins
 from service.vault import VaultBackend
 from tests.fakes import (
+    FakeKeyValue,
     FakeLogins,
     FakePublisher,
     FakeVault,
@@ -32,6 +34,7 @@ FAKES = [
     pytest.param(ChangeHandler, RecordingHandler, id="RecordingHandler"),
     pytest.param(AuditPublisher, FakePublisher, id="FakePublisher"),
     pytest.param(Logins, FakeLogins, id="FakeLogins"),
+    pytest.param(KvStore, FakeKeyValue, id="FakeKeyValue"),
 ]
 
 
