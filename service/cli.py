@@ -1,6 +1,7 @@
 """`secrets-service serve` (production, configured by environment) and `secrets-service dev`.
 
 A bad or missing setting ends the process with exit code 2 and one line naming the setting.
+With SECRETS_WORKERS above 1, `serve` supervises that many workers (service.workers).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import uvicorn
@@ -18,10 +21,11 @@ from service.approvals.rules import ApprovalRules
 from service.auth.policy import Policy
 from service.core.validation import Validator
 from service.http.app import create_app
-from service.http.serving import Server, server_config
+from service.http.serving import Server, reuse_port_socket, server_config
 from service.obs.logs import configure_logging
 from service.rotation.rules import RotationRules
 from service.settings import Settings
+from service.workers import Supervisor, WorkerLink
 
 __all__ = ["main", "serve", "serve_until_stopped"]
 
@@ -66,9 +70,16 @@ def serve(environ: Mapping[str, str]) -> int:
     except ConfigError as exc:
         return _config_failure(exc)
     configure_logging(settings.log_level)
+    link = WorkerLink.from_environ(environ)
+    if link is None and settings.workers > 1:
+        return Supervisor(settings, environ).run()
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        # Until the app's lifespan installs the policy reload, a SIGHUP (a supervisor forwards
+        # one to a worker still starting) must not end the process, as its default would.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(serve_until_stopped(settings))
+            return runner.run(serve_until_stopped(settings, link=link))
     except ConfigError as exc:
         return _config_failure(exc)
 
@@ -87,26 +98,40 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def serve_until_stopped(settings: Settings, *, started: asyncio.Event | None = None) -> int:
+async def serve_until_stopped(
+    settings: Settings, *, started: asyncio.Event | None = None, link: WorkerLink | None = None
+) -> int:
+    """Serve until a signal stops it. `link`: this process is a worker of a supervisor; it
+    shares the port with the other workers, and drains when the supervisor is gone."""
     app = create_app(settings)
     # HttpProtocol (one send per response, bounded request heads), the concurrency limit, and
     # HTTPS when SECRETS_TLS_CERT/KEY are set: a key that does not load is a ConfigError here.
-    server = Server(server_config(app, settings))
-    if started is not None:
-        watcher = asyncio.get_running_loop().create_task(_signal_started(server, started))
+    config = server_config(app, settings)
+    server = Server(config)
+    sockets = None
+    loop = asyncio.get_running_loop()
+    if link is not None:
+        sockets = [reuse_port_socket(settings.host, settings.port, config.backlog)]
+        link.watch(loop, lambda: setattr(server, "should_exit", True))
+    watcher = loop.create_task(_signal_started(server, started, link))
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     except SystemExit:
         pass  # uvicorn exits 3 when startup fails; the error kept by the app says why
+    finally:
+        watcher.cancel()
     error = app.state.startup_error
     if isinstance(error, ConfigError):
         raise error
-    if started is not None:
-        watcher.cancel()
     return 0 if error is None else 1
 
 
-async def _signal_started(server: uvicorn.Server, started: asyncio.Event) -> None:
+async def _signal_started(
+    server: uvicorn.Server, started: asyncio.Event | None, link: WorkerLink | None
+) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
-    started.set()
+    if started is not None:
+        started.set()
+    if link is not None:
+        link.ready()

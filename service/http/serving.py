@@ -1,8 +1,10 @@
 """How `secrets-service serve` runs the app: uvicorn on service.http.protocol.HttpProtocol, with
-the concurrency limit, and HTTPS when the settings name a certificate and key."""
+the concurrency limit, HTTPS when the settings name a certificate and key, and (in each worker of
+SECRETS_WORKERS, service.workers) a listening socket the other workers share (SO_REUSEPORT)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -12,7 +14,7 @@ from schemas.errors import ConfigError
 from service.http.protocol import HttpProtocol
 from service.settings import Settings
 
-__all__ = ["Server", "server_config", "tls_context"]
+__all__ = ["Server", "reuse_port_socket", "server_config", "tls_context"]
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -74,3 +76,24 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
         limit_concurrency=settings.limit_concurrency,
         **tls,
     )
+
+
+def reuse_port_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket on `host`:`port` that every worker binds (SO_REUSEPORT): the kernel
+    spreads new connections over the workers' sockets, each served by its own process.
+
+    A port held by a process that is not one of them is a ConfigError (exit code 2).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            "SECRETS_PORT", f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    return sock
