@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint typecheck bench bench-cache bench-vault reliability soak clean
+.PHONY: install tools dev stack test lint typecheck bench bench-cache bench-vault reliability soak clean
 
 # Two distributions from this checkout: secrets-client (client/: schemas, events, secrets_client)
 # and secrets-service (the service, which depends on it). devstack/ is importable from here only.
@@ -16,10 +16,24 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(BIN)/python -c "import shutil, sysconfig; [shutil.rmtree(sysconfig.get_paths()['purelib'] + '/' + p, ignore_errors=True) for p in ('schemas', 'events', 'secrets_client')]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
+
+# prometheus and promtool (make test checks the rules and a real /metrics with promtool; make
+# stack runs Prometheus): Debian's `prometheus` package, installed when missing (root, as CI).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "promtool not found: apt-get install -y prometheus"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; }
 
 dev: $(STAMP)
 	$(BIN)/secrets-service dev
+
+# Three OpenBao Raft nodes and three NATS nodes (TLS), three instances over HTTPS, Prometheus
+# with deploy/prometheus/: devstack/production.py. Prints the URLs and tokens; Ctrl-C stops it.
+stack: $(STAMP) tools
+	$(BIN)/python -m devstack.production
 
 SOURCES := service events schemas secrets_client devstack tests bench examples
 
@@ -32,7 +46,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) tools lint typecheck
 	SECRETS_TEST_REQUIRE_SERVERS=1 $(BIN)/pytest -m "not slow"
 
 # Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500
@@ -45,7 +59,9 @@ RELIABILITY_TESTS := tests/reliability/test_reliability_cluster.py tests/reliabi
 	tests/unit/service/http/test_serving.py tests/unit/service/core/test_listing.py tests/unit/schemas/test_globs.py \
 	tests/unit/service/core/test_coherence.py tests/unit/events/test_bus.py \
 	tests/integration/test_rotation_cluster.py tests/integration/test_rotation_crash.py \
-	tests/integration/test_watch_cluster.py
+	tests/integration/test_watch_cluster.py tests/integration/test_vault_ha.py \
+	tests/reliability/test_reliability_poller.py tests/integration/test_poller.py \
+	tests/integration/test_compose_openbao.py
 reliability: $(STAMP)
 	rm -f bench/results/reliability.jsonl
 	RELIABILITY_FIGURES=bench/results/reliability.jsonl $(BIN)/pytest $(RELIABILITY_TESTS)

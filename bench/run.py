@@ -21,7 +21,12 @@ protocol. The 70% goal is reckoned against the former, the stricter of the two. 
   path, with a PostgreSQL of its own (bench/rotation_bench.py, which runs alone too);
 - watch (issue 14): the client library's cached `get` beside the HTTP round trip, a write on
   instance B reaching the cache of a client watching instance A, and 1,000 idle watch streams'
-  cost in RSS and in cached-read throughput (bench/watch_bench.py, which runs alone too).
+  cost in RSS and in cached-read throughput (bench/watch_bench.py, which runs alone too);
+- scale (issue 15): cached reads (in process and over HTTP) and memory per entry at 10k, 100k
+  and 1M cached entries, eviction propagation to the last of 3 and 6 instances, policy check
+  time at 10 to 10,000 globs (bench/scale_bench.py, which runs alone too);
+- workers (issue 15): cached reads with SECRETS_WORKERS=2 against 1, and wrk -c1000 against
+  both, then past SECRETS_LIMIT_CONCURRENCY (bench/workers_bench.py, which runs alone too).
 
 Results go to bench/results/latest.json and latest.md. The exit code is 1 when the service is
 not ahead of OpenBao on cached reads (and 2 when the run itself failed).
@@ -75,11 +80,13 @@ from schemas.secret import Secret, SecretData  # noqa: E402
 from service.core.manager import SecretsManager  # noqa: E402
 from service.vault.backend import HvacBackend  # noqa: E402
 
-# bench/rotation_bench.py and bench/watch_bench.py import this module as `run`: run as a script,
-# let them find this copy rather than load a second one (with a BenchError of its own).
+# bench/rotation_bench.py, watch_bench.py and scale_bench.py import this module as `run`: run as
+# a script, let them find this copy rather than load a second one (with a BenchError of its own).
 sys.modules.setdefault("run", sys.modules[__name__])
 import rotation_bench  # noqa: E402
+import scale_bench  # noqa: E402
 import watch_bench  # noqa: E402
+import workers_bench  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -718,8 +725,12 @@ def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "watch_idle_streams_rss_mb": idle["rss_growth_mb"],
             "watch_idle_streams_read_ratio": idle["throughput_with_over_without"],
         }
+    judged = GOALS
+    if result.get("workers"):  # issue 15 (bench/workers_bench.py): its goals, where measured
+        measured |= workers_bench.goal_figures(result["workers"])
+        judged = GOALS | workers_bench.GOALS
     out = {}
-    for key, (what, op, limit) in GOALS.items():
+    for key, (what, op, limit) in judged.items():
         if key not in measured:
             continue
         value = measured[key]
@@ -797,6 +808,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     m = result["memory"]
     rotation = result.get("rotation")  # none in results from before rotation was measured
     watch = result.get("watch")
+    scale = result.get("scale")  # none in results from before issue 15's scale figures
 
     def row(label: str, x: Mapping[str, float]) -> str:
         return f"| {label} | {x['p50_ms']:.2f} ms | {x['p99_ms']:.2f} ms | {x['max_ms']:.2f} ms |"
@@ -826,6 +838,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         *([rotation_bench.markdown_note(rotation), ""] if rotation else []),
         *([watch_bench.markdown_note(watch), ""] if watch else []),
+        *([*workers_bench.markdown_rows(result["workers"]), ""] if result.get("workers") else []),
+        *([*scale_bench.markdown_rows(scale), "", scale_bench.markdown_note(scale), ""]
+          if scale else []),
         "| goal | target | measured | |",
         "|---|---:|---:|---|",
     ]  # fmt: skip
@@ -904,6 +919,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s, workdir, wrk, get_calls=args.hit_calls, writes=args.watch_writes,
                 streams=args.watch_streams, threads=args.threads, connections=args.connections,
             )  # fmt: skip
+            print("workers ...", file=sys.stderr)
+            workers = workers_bench.bench_workers(s, workdir, wrk, args)
+            print("scale ...", file=sys.stderr)
+            scale = scale_bench.bench_scale(
+                s, workdir, wrk, sizes=args.scale_sizes, real=args.scale_real,
+                threads=args.threads, connections=args.connections, writes=args.scale_writes,
+            ) if args.scale_sizes != [0] else None  # fmt: skip
         print("memory ...", file=sys.stderr)
         memory = bench_memory(args.entries)
     finally:
@@ -942,6 +964,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory": memory,
         "rotation": rotation,
         "watch": watch,
+        "workers": workers,
+        "scale": scale,
     }
     result["goals"] = goals(result)
     return result
@@ -986,6 +1010,11 @@ def main() -> int:
     parser.add_argument("--pg-rotations", type=int, default=100, help=":rotate calls, postgres")
     parser.add_argument("--watch-writes", type=int, default=1000, help="writes for freshness")
     parser.add_argument("--watch-streams", type=int, default=1000, help="idle watch streams")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="cached entries for the scale figures (0: skip them)")  # fmt: skip
+    parser.add_argument("--scale-real", type=int, nargs="*", default=[10_000],
+                        help="the same, filled through OpenBao and `serve` (slow)")  # fmt: skip
+    parser.add_argument("--scale-writes", type=int, default=300, help="writes for propagation")
     parser.add_argument("--out", default=str(RESULTS / "latest"), help="path without extension")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()

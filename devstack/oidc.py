@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import shlex
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -59,8 +60,10 @@ class OidcIssuer:
         audience: str,
         role: str,
         persona_tokens: Mapping[str, str],
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.addr = addr
+        self.verify = verify  # how to trust an OpenBao serving HTTPS (an SSLContext of its CA)
         self.issuer = issuer
         self.audience = audience
         self.role = role
@@ -86,7 +89,9 @@ class OidcIssuer:
     def mint(self, persona: str) -> str:
         """A fresh JWT for `persona`, signed by OpenBao."""
         headers = {"X-Vault-Token": self._token_for(persona)}
-        with httpx.Client(base_url=self.addr, headers=headers, timeout=10.0, trust_env=False) as c:
+        with httpx.Client(
+            base_url=self.addr, headers=headers, timeout=10.0, trust_env=False, verify=self.verify
+        ) as c:
             body = _call(c, "GET", f"identity/oidc/token/{self.role}")
         token = body.get("data", {}).get("token")
         if not isinstance(token, str):
@@ -181,6 +186,7 @@ def configure_oidc(
     personas: Mapping[str, Sequence[str]] = DEV_PERSONAS,
     ttl: str = "1h",
     algorithm: str = "RS256",
+    verify: ssl.SSLContext | bool = True,
 ) -> OidcIssuer:
     """Make OpenBao an OIDC issuer whose tokens carry `aud=audience` and each persona's roles.
 
@@ -193,7 +199,9 @@ def configure_oidc(
     name = f"{re.sub(r'[^A-Za-z0-9_-]', '-', audience)}-{algorithm.lower()}"
     policy = f"{name}-mint"
     headers = {"X-Vault-Token": root_token}
-    with httpx.Client(base_url=addr, headers=headers, timeout=10.0, trust_env=False) as client:
+    with httpx.Client(
+        base_url=addr, headers=headers, timeout=10.0, trust_env=False, verify=verify
+    ) as client:
         _call(client, "POST", "identity/oidc/config", {"issuer": addr})
         key = {"algorithm": algorithm, "allowed_client_ids": [audience]}
         _call(client, "POST", f"identity/oidc/key/{name}", key)
@@ -229,7 +237,7 @@ def configure_oidc(
             persona_tokens[persona] = created["auth"]["client_token"]
 
     discovery_url = f"{addr}/v1/identity/oidc/.well-known/openid-configuration"
-    discovery = httpx.get(discovery_url, timeout=10.0, trust_env=False)
+    discovery = httpx.get(discovery_url, timeout=10.0, trust_env=False, verify=verify)
     if not discovery.is_success:
         raise DevStackError(f"OpenBao discovery answered {discovery.status_code}: {discovery.text}")
     issuer = OidcIssuer(
@@ -238,6 +246,7 @@ def configure_oidc(
         audience=audience,
         role=name,
         persona_tokens=persona_tokens,
+        verify=verify,
     )
 
     for persona, roles in personas.items():

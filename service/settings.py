@@ -28,12 +28,21 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     vault_addr: str
+    # Every node SECRETS_VAULT_ADDR lists (an HA cluster), `vault_addr` the first; () when the
+    # struct was built without them: `vault_addr` alone.
+    vault_addrs: tuple[str, ...] = ()
     oidc_issuer: str
     oidc_audience: str
     policy_file: str
     vault_token: str | None = None
     vault_role_id: str | None = None
     vault_secret_id: str | None = None
+    # How the service logs in to Vault (service/vault/identity.py): token | approle | jwt; the
+    # JWT login's role and token file, and the auth mount (None: the method's own name).
+    vault_auth: str = "token"
+    vault_role: str | None = None
+    vault_jwt_file: str | None = None
+    vault_auth_mount: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     vault_mount: str = "secret"
@@ -59,6 +68,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_tls_first: bool = False
     # Connections and requests one worker serves at once; beyond it new ones get 503.
     limit_concurrency: int = 2048
+    # Processes serving the one port (SO_REUSEPORT), each a full instance: service/workers.py.
+    workers: int = 1
     cache_ttl: float = 300.0
     cache_fallback_ttl: float = 5.0
     vault_poll_interval: float = 10.0
@@ -90,7 +101,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __rich_repr__(self) -> list[tuple[str, Any]]:
         hidden = ("vault_token", "vault_secret_id")
-        urls = ("vault_addr", "nats_url", "oidc_issuer")
+        urls = ("vault_addr", "vault_addrs", "nats_url", "oidc_issuer")
         shown: list[tuple[str, Any]] = []
         for name in self.__struct_fields__:
             value = getattr(self, name)
@@ -124,17 +135,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def _build(cls, values: Mapping[str, Any]) -> Settings:
         r = _Reader(values)
-        vault_addr = r.get("SECRETS_VAULT_ADDR", _url, required=True)
+        vault_addrs = r.get("SECRETS_VAULT_ADDR", _vault_urls, required=True)
         token = r.get("SECRETS_VAULT_TOKEN", _nonempty)
         role_id = r.get("SECRETS_VAULT_ROLE_ID", _nonempty)
         secret_id = r.get("SECRETS_VAULT_SECRET_ID", _nonempty)
-        if not token and not (role_id and secret_id):
-            raise ConfigError(
-                "SECRETS_VAULT_TOKEN",
-                "required (or SECRETS_VAULT_ROLE_ID and SECRETS_VAULT_SECRET_ID for AppRole)",
-            )
+        vault_auth = _vault_auth(r, token, role_id, secret_id)
         kwargs: dict[str, Any] = {
-            "vault_addr": vault_addr.rstrip("/"),
+            **vault_auth,
+            "vault_addr": vault_addrs[0],
+            "vault_addrs": vault_addrs,
             "vault_token": token,
             "vault_role_id": role_id,
             "vault_secret_id": secret_id,
@@ -164,6 +173,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "nats_tls_key": _readable_file,
             "nats_tls_first": _boolean,
             "limit_concurrency": _int_between(1, 1_000_000),
+            "workers": _int_between(1, 256),
             "cache_ttl": _nonnegative_float,
             "cache_fallback_ttl": _nonnegative_float,
             "vault_poll_interval": _nonnegative_float,
@@ -190,9 +200,59 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         metrics_port = kwargs.get("metrics_port", 0)
         if metrics_port and metrics_port == kwargs.get("port", 8080):
             raise ConfigError("SECRETS_METRICS_PORT", "must differ from SECRETS_PORT (0: share it)")
+        _check_workers(kwargs.get("workers", 1), kwargs.get("port", 8080), metrics_port)
         _both_or_neither(kwargs, "tls_cert", "tls_key")
         _both_or_neither(kwargs, "nats_tls_cert", "nats_tls_key")
         return cls(**kwargs)
+
+
+def _check_workers(workers: int, port: int, metrics_port: int) -> None:
+    """Several workers share one fixed port; worker k serves /metrics on metrics_port + k."""
+    if workers == 1:
+        return
+    if port == 0:
+        raise ConfigError("SECRETS_PORT", "must be a fixed port (not 0) with SECRETS_WORKERS > 1")
+    last = metrics_port + workers - 1
+    if metrics_port and (last > 65535 or metrics_port <= port <= last):
+        raise ConfigError(
+            "SECRETS_METRICS_PORT",
+            f"worker k serves /metrics on SECRETS_METRICS_PORT + k: {metrics_port} to {last} "
+            f"must be ports and must not hold SECRETS_PORT",
+        )
+
+
+def _vault_auth(
+    r: _Reader, token: str | None, role_id: str | None, secret_id: str | None
+) -> dict[str, Any]:
+    """SECRETS_VAULT_AUTH and what its method needs. Unset, it is `approle` when both AppRole
+    ids are given (as before the setting existed), else `token`."""
+    method = r.get("SECRETS_VAULT_AUTH", _one_of("token", "approle", "jwt"))
+    if method is None and not token and not (role_id and secret_id):
+        raise ConfigError(
+            "SECRETS_VAULT_TOKEN",
+            "required (or SECRETS_VAULT_ROLE_ID and SECRETS_VAULT_SECRET_ID for AppRole)",
+        )
+    method = method or ("approle" if role_id and secret_id else "token")
+    if method == "token" and not token:
+        raise ConfigError("SECRETS_VAULT_TOKEN", "required with SECRETS_VAULT_AUTH=token")
+    if method == "approle":
+        for key, value in (("ROLE_ID", role_id), ("SECRET_ID", secret_id)):
+            if not value:
+                raise ConfigError(
+                    f"SECRETS_VAULT_{key}", "required with SECRETS_VAULT_AUTH=approle"
+                )
+    role = r.get("SECRETS_VAULT_ROLE", _nonempty)
+    jwt_file = r.get("SECRETS_VAULT_JWT_FILE", _readable_file)
+    if method == "jwt":
+        for key, value in (("ROLE", role), ("JWT_FILE", jwt_file)):
+            if not value:
+                raise ConfigError(f"SECRETS_VAULT_{key}", "required with SECRETS_VAULT_AUTH=jwt")
+    return {
+        "vault_auth": method,
+        "vault_role": role,
+        "vault_jwt_file": jwt_file,
+        "vault_auth_mount": r.get("SECRETS_VAULT_AUTH_MOUNT", _mount),
+    }
 
 
 def _both_or_neither(kwargs: Mapping[str, Any], first: str, second: str) -> None:
@@ -264,6 +324,16 @@ def _url(v: Any) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http(s) URL, got {s!r}")
     return s
+
+
+def _vault_urls(v: Any) -> tuple[str, ...]:
+    """One Vault address, or the nodes of a cluster, comma-separated: http(s) URLs."""
+    urls = tuple(_url(u).rstrip("/") for u in str(v).split(",") if u.strip())
+    if not urls:
+        raise ValueError("must list at least one http(s) URL")
+    if len(set(urls)) != len(urls):
+        raise ValueError("lists a node twice")
+    return urls
 
 
 def _int_between(lo: int, hi: int) -> Callable[[Any], int]:

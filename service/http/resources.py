@@ -1,6 +1,7 @@
 """The app's lifespan: it opens what the service runs on (Vault backend, OIDC verifier, event
-bus, SecretsManager, audit log, rotation, the metrics port, the version watcher), yields it as the
-request state, and closes it in reverse; and `Readiness`, what /readyz reports.
+bus, SecretsManager, audit log, rotation, the metrics port, the version watcher, the policy
+reload on SIGHUP), yields it as the request state, and closes it in reverse; and `Readiness`, what
+/readyz reports.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from starlette.applications import Starlette
 from events.bus import EventBus
 from schemas.errors import ConfigError, SecretsError
 from schemas.secret import redact_url
-from service.approvals.rules import ApprovalRules
 from service.approvals.workflow import Approvals
 from service.audit import AuditLog, LineSink
 from service.auth import OIDCVerifier, Policy
 from service.core import SecretsManager
-from service.core.validation import Validator
+from service.core.poller import ClusterPoller, poller_buckets
+from service.core.watcher import cache_targets
+from service.http.policy_reload import PolicyReloader, PolicySections, reload_on_sighup
 from service.obs.metrics import Metrics
 from service.rotation.coordinator import Coordinator
-from service.rotation.rules import RotationRules
 from service.rotation.schedule import Scheduler
 from service.settings import Settings
 from service.vault import HvacBackend, VaultBackend
+from service.vault.identity import login_method
 from service.watch.feed import WatchFeed
 
 __all__ = ["Readiness", "lifespan"]
@@ -78,16 +80,24 @@ async def _open(
         pol = policy or Policy.load(settings.policy_file)
         # Every section of the policy is checked before anything is opened: a bad rule stops
         # start-up (exit 2) naming it.
-        validator = Validator.from_policy(pol.raw)
-        rotation_rules = RotationRules.from_policy(pol.raw, validator)
-        approval_rules = ApprovalRules.from_policy(pol.raw)
+        sections = PolicySections.of(pol)
+        validator, rotation_rules = sections.validator, sections.rotation
         vault = backend
         if vault is None:
             hvac_backend = HvacBackend(
-                settings.vault_addr,
+                settings.vault_addrs or settings.vault_addr,  # every node of an HA cluster
                 token=settings.vault_token,
                 role_id=settings.vault_role_id,
                 secret_id=settings.vault_secret_id,
+                auth=login_method(
+                    settings.vault_auth,
+                    token=settings.vault_token,
+                    role_id=settings.vault_role_id,
+                    secret_id=settings.vault_secret_id,
+                    role=settings.vault_role,
+                    jwt_file=settings.vault_jwt_file,
+                    mount=settings.vault_auth_mount,
+                ),
                 mount=settings.vault_mount,
                 timeout=settings.vault_timeout,
                 concurrency=settings.vault_concurrency,
@@ -95,6 +105,9 @@ async def _open(
             )
             stack.push_async_callback(hvac_backend.aclose)
             await hvac_backend.login()
+            # Renews the token, or logs in again, before it expires; stopped before aclose.
+            await _run_in_background(stack, hvac_backend.keep_token())
+            metrics.bind_identity(hvac_backend.identity)
             vault = hvac_backend
         auth = verifier
         if auth is None:
@@ -119,6 +132,10 @@ async def _open(
             tls_cert=settings.nats_tls_cert,
             tls_key=settings.nats_tls_key,
             tls_first=settings.nats_tls_first,
+            # The version poller's lease and the cluster's cache interest.
+            buckets=poller_buckets(settings.vault_poll_interval)
+            if settings.vault_poll_interval > 0
+            else None,
         )
         manager = SecretsManager(
             vault,
@@ -141,12 +158,7 @@ async def _open(
         await audit.start()
         stack.push_async_callback(audit.aclose)  # before the bus closes: it drains to NATS
         rotation = Coordinator(manager, rotation_rules, audit=audit, lease=settings.rotation_lease)
-        scheduler = None
-        if rotation_rules.rules:
-            # Also where no rule has a schedule: it resumes runs whose instance died.
-            scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
-            await _run_in_background(stack, scheduler.run())
-        approvals = Approvals(manager, approval_rules, events=events, audit=audit)
+        approvals = Approvals(manager, sections.approvals, events=events, audit=audit)
         watch_feed = WatchFeed(
             events,
             coherence=manager,
@@ -157,25 +169,61 @@ async def _open(
         await watch_feed.start()
         stack.push_async_callback(watch_feed.aclose)
         await _run_in_background(stack, watch_feed.watchdog())
-        if approval_rules.rules:
-            # Every instance sweeps; each request turns expired once (a CAS write of its own).
-            await _run_in_background(stack, approvals.run_sweeps(settings.approval_sweep_interval))
-        metrics.bind(
+        scheduler: Scheduler | None = None
+        sweeping = False
+
+        async def run_what_the_rules_need(rules: PolicySections) -> None:
+            # At start-up and after each policy reload: a loop starts with the first rule that
+            # needs it, then runs until the app stops (with no rule left, it finds nothing).
+            nonlocal scheduler, sweeping
+            if rules.rotation.rules and scheduler is None:
+                # Also where no rule has a schedule: it resumes runs whose instance died.
+                scheduler = Scheduler(rotation, scan_interval=settings.rotation_scan_interval)
+                await _run_in_background(stack, scheduler.run())
+            if rules.approvals.rules and not sweeping:
+                # Every instance sweeps; each request turns expired once (a CAS write of its own).
+                sweeping = True
+                sweeps = approvals.run_sweeps(settings.approval_sweep_interval)
+                await _run_in_background(stack, sweeps)
+            metrics.bind(
+                manager=manager,
+                bus=events,
+                audit=audit,
+                rotation=rotation,
+                scheduler=scheduler,
+                approvals=approvals,
+                watch=watch_feed,
+            )
+
+        await run_what_the_rules_need(sections)
+        reloader = PolicyReloader(
+            settings.policy_file,
+            sections,
             manager=manager,
-            bus=events,
-            audit=audit,
             rotation=rotation,
-            scheduler=scheduler,
             approvals=approvals,
-            watch=watch_feed,
+            metrics=metrics,
+            then=run_what_the_rules_need,
         )
+        stack.push_async_callback(reloader.aclose)
+        stack.enter_context(reload_on_sighup(reloader))  # SIGHUP re-reads SECRETS_POLICY_FILE
         if settings.metrics_port:
             await _serve_metrics(stack, metrics, settings.host, settings.metrics_port)
         if settings.vault_poll_interval > 0:
-            watcher = asyncio.get_running_loop().create_task(
-                manager.watch_versions(settings.vault_poll_interval)
+            # One instance polls Vault for the cluster; each polls its own without NATS.
+            poller = ClusterPoller(
+                manager.watcher,
+                lambda: cache_targets(manager.cache),
+                settings.vault_poll_interval,
+                bus=events,
+                prefix=settings.nats_prefix,
+                instance_id=settings.instance_id,
+                generation=lambda: manager.cache.generation,
             )
-            stack.callback(watcher.cancel)
+            metrics.bind_poller(poller)
+            app.state.poller = poller
+            # Stopped before the bus closes: it gives up the lease and withdraws its interest.
+            await _run_in_background(stack, poller.run())
         log.info(
             "service ready",
             extra={
@@ -191,6 +239,7 @@ async def _open(
         app.state.rotation = rotation
         app.state.approvals = approvals
         app.state.watch_feed = watch_feed
+        app.state.policy_reloader = reloader
         yield {
             "watch_feed": watch_feed,
             "rotation": rotation,
@@ -198,6 +247,7 @@ async def _open(
             "manager": manager,
             "verifier": auth,
             "policy": pol,
+            "policy_reloader": reloader,
             "bus": events,
             "vault": vault,
             "readiness": Readiness(vault, events),

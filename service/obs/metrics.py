@@ -23,6 +23,12 @@ each; measured: 1.1 µs a request, against 0.3 µs for these).
     secrets_rotations_overdue                    secrets_rotations_stalled
     secrets_change_transitions_total{type}
     secrets_watch_streams                        secrets_watch_overflows_total
+    secrets_vault_logins_total{method,outcome}   secrets_vault_token_renewals_total{outcome}
+    secrets_vault_token_valid                    secrets_vault_token_expiry_seconds
+    secrets_policy_reload_failures_total         secrets_policy_last_reload_successful
+    secrets_policy_loaded_timestamp_seconds
+    secrets_poller_leader                        secrets_poller_paths
+    secrets_version_check_reads_total            secrets_poller_rounds_total
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -49,8 +55,10 @@ if TYPE_CHECKING:
     from service.approvals.workflow import Approvals
     from service.audit.log import AuditLog
     from service.core.manager import SecretsManager
+    from service.core.poller import ClusterPoller
     from service.rotation.coordinator import Coordinator
     from service.rotation.schedule import Scheduler
+    from service.vault.identity import VaultIdentity
     from service.watch.feed import WatchFeed
 
 __all__ = ["VAULT_ERRORS", "VAULT_OPS", "Metrics"]
@@ -60,8 +68,11 @@ _BUCKET_LABELS = tuple(repr(float(bound)) for bound in _LATENCY_BUCKETS)  # as `
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 VAULT_OPS = frozenset(
-    {"login", "read", "write", "metadata", "list", "delete", "undelete", "destroy", "ping", "other"}
-)
+    {
+        "login", "renew", "read", "write", "metadata", "list", "delete", "undelete", "destroy",
+        "ping", "other",
+    }
+)  # fmt: skip
 VAULT_ERRORS = frozenset({"timeout", "denied", "unavailable"})
 
 
@@ -91,6 +102,22 @@ class Metrics:
             "secrets_event_lag_seconds", "From a change event's time to its receipt here",
             buckets=_LAG_BUCKETS, registry=r,
         )  # fmt: skip
+        # Policy reloads (SIGHUP): a file that did not load kept the policy in force.
+        self.policy_reload_failures = Counter(
+            "secrets_policy_reload_failures_total",
+            "Policy reloads that failed (the file did not load): the policy in force was kept",
+            registry=r,
+        )
+        self.policy_reload_ok = Gauge(
+            "secrets_policy_last_reload_successful",
+            "1 if the last policy load (start-up or reload) worked, 0 if it failed",
+            registry=r,
+        )
+        self.policy_loaded_at = Gauge(
+            "secrets_policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded (Unix time; 0: not yet)",
+            registry=r,
+        )
         self._collector: _StateCollector | None = None
         self.listings_truncated = 0  # listings whose walk ran out of its budget (a plain int)
 
@@ -113,6 +140,22 @@ class Metrics:
         self.vault_latency.labels(op).observe(seconds)
         if error is not None:
             self.vault_errors.labels(op, error if error in VAULT_ERRORS else "unavailable").inc()
+
+    def policy_loaded(self, *, ok: bool) -> None:
+        """A policy load: at start-up (`ok`), or a reload that worked or kept the old one."""
+        self.policy_reload_ok.set(int(ok))
+        if ok:
+            self.policy_loaded_at.set_to_current_time()
+        else:
+            self.policy_reload_failures.inc()
+
+    def bind_poller(self, poller: ClusterPoller) -> None:
+        """The out-of-band version check (service.core.poller), read at each scrape."""
+        self.registry.register(_PollerCollector(poller))
+
+    def bind_identity(self, identity: VaultIdentity) -> None:
+        """Read the service's Vault token state (logins, renewals, expiry) at each scrape."""
+        self.registry.register(_IdentityCollector(identity))
 
     def bind(
         self,
@@ -203,6 +246,14 @@ class _StateCollector(Collector):
         yield _counter(
             "secrets_cas_conflicts", "Writes refused: stale version", self.manager.cas_conflicts
         )
+        # Only the real backend (several Vault addresses) counts these; fakes do not.
+        switches = getattr(self.manager.backend, "node_switches", None)
+        if isinstance(switches, int):
+            yield _counter(
+                "secrets_vault_node_switches",
+                "Times calls moved on from a failed Vault node to the next one",
+                switches,
+            )
         yield _counter(
             "secrets_listener_errors",
             "Listener callbacks that raised",
@@ -216,6 +267,9 @@ class _StateCollector(Collector):
         )
         if self.bus is not None:
             bus = self.bus
+            yield GaugeMetricFamily(
+                "secrets_nats_connected", "1 while connected to NATS", int(bus.connected)
+            )
             yield _counter("secrets_events_published", "Change events published", bus.published)
             yield _counter("secrets_events_received", "Change events received", bus.received)
             yield _labelled(
@@ -281,6 +335,70 @@ class _StateCollector(Collector):
                 "Watch streams cut off because their reader fell behind",
                 self.watch.overflows,
             )
+
+
+class _PollerCollector(Collector):
+    """Whether this instance polls Vault for the cluster, and what its checks cost."""
+
+    def __init__(self, poller: ClusterPoller) -> None:
+        self.poller = poller
+
+    def collect(self) -> Iterator[Metric]:
+        poller = self.poller
+        yield GaugeMetricFamily(
+            "secrets_poller_leader",
+            "1 while this instance holds the lease to poll Vault for the whole cluster",
+            int(poller.leader),
+        )
+        yield GaugeMetricFamily(
+            "secrets_poller_paths", "Paths the last version check read from Vault",
+            poller.watcher.last_round_paths,
+        )  # fmt: skip
+        yield _counter(
+            "secrets_poller_rounds",
+            "Version checks this instance ran (as the cluster's poller, or alone without NATS)",
+            poller.rounds,
+        )
+        yield _counter(
+            "secrets_version_check_reads",
+            "Vault metadata reads made by this instance's version checks",
+            poller.watcher.metadata_reads,
+        )
+
+
+class _IdentityCollector(Collector):
+    """The service's own Vault token: never the token, only what became of it."""
+
+    def __init__(self, identity: VaultIdentity) -> None:
+        self.identity = identity
+
+    def collect(self) -> Iterator[Metric]:
+        identity = self.identity
+        logins = CounterMetricFamily(
+            "secrets_vault_logins",
+            "The service's logins to Vault by method and outcome (ok, denied, unavailable, error)",
+            labels=["method", "outcome"],
+        )
+        for (method, outcome), count in list(identity.logins.items()):
+            logins.add_metric([method, outcome], count)
+        yield logins
+        yield _labelled(
+            "secrets_vault_token_renewals",
+            "Renewals of the service's Vault token by outcome (ok, capped: at its max TTL, "
+            "denied, unavailable)",
+            "outcome",
+            identity.renewals,
+        )
+        yield GaugeMetricFamily(
+            "secrets_vault_token_valid",
+            "1 while the service holds a Vault token that has neither expired nor been refused",
+            int(identity.valid),
+        )
+        yield GaugeMetricFamily(
+            "secrets_vault_token_expiry_seconds",
+            "Seconds until the service's Vault token expires (+Inf: it never does; 0: gone)",
+            max(identity.expires_in(), 0.0),
+        )
 
 
 def _rotation_metrics(rotation: Coordinator, scheduler: Scheduler | None) -> Iterator[Metric]:

@@ -1,10 +1,18 @@
-"""The compose files, read without a Docker engine: each instance's settings parse, the NATS
-nodes are configured to route to each other (as users, over TLS) and nats-server accepts that
-configuration, only the service's NATS user may publish, and make-certs.sh makes what is
-mounted. Whether the stack comes up is not tested here: that needs an engine."""
+"""The compose files, read without a Docker engine: the file follows the compose specification
+(its JSON schema), each instance's settings parse, the OpenBao nodes form one Raft cluster over
+TLS that openbao-init prepares before the instances start, the NATS nodes route to each other (as
+users, over TLS) and nats-server accepts that configuration, only the service's NATS user may
+publish, Prometheus scrapes the three instances with the project's rules (promtool accepts its
+configuration), and make-certs.sh makes what is mounted. Whether the stack comes up is not tested
+here: that needs an engine (openbao/init.sh runs against real OpenBao nodes in
+tests/integration/test_compose_openbao.py).
+
+data/compose-spec.json is the Compose Specification's JSON schema (compose-spec project, Apache
+License 2.0), as the npm package dclint 3.1.0 ships it (schemas/compose.schema.json)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import ssl
@@ -13,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema_rs
 import pytest
 import trustme
 import yaml
@@ -22,15 +31,17 @@ from events.connection import tls_context
 from service.auth.policy import Policy
 from service.settings import Settings
 from tests.support import skip_unless_required
+from tests.unit.test_prometheus_rules import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
 NATS_DIR = ROOT / "compose" / "nats"
+OPENBAO_DIR = ROOT / "compose" / "openbao"
+SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 CERTS_IN_SERVICE = "/etc/secrets/certs/"
 # What an operator exports before `docker compose up` (the file's header says which).
 OPERATOR_ENV = {
-    "SECRETS_VAULT_ADDR": "https://vault.example:8200",
-    "SECRETS_VAULT_TOKEN": "token",
+    "SECRETS_VAULT_SECRET_ID": "fedcba98" * 3,
     "SECRETS_OIDC_ISSUER": "https://issuer.example",
     "SECRETS_NATS_SERVICE_PASSWORD": "0123abcd" * 3,
     "SECRETS_NATS_LISTENER_PASSWORD": "4567ef01" * 3,
@@ -86,8 +97,84 @@ def test_every_service_instance_has_settings_the_service_accepts(
         settings = _instance_settings(stack, name, certs)
         assert settings.nats_replicas == 3
         assert len(settings.nats_url) == 3
+        assert [urlsplit(addr).hostname for addr in settings.vault_addrs] == [
+            "openbao-1", "openbao-2", "openbao-3",
+        ]  # fmt: skip
+        assert all(addr.startswith("https://") for addr in settings.vault_addrs)
+        assert (settings.vault_auth, settings.vault_role_id) == ("approle", "secrets-service")
+        assert settings.vault_secret_id == OPERATOR_ENV["SECRETS_VAULT_SECRET_ID"]
+        environment = stack["services"][name]["environment"]
+        assert environment["REQUESTS_CA_BUNDLE"] == CERTS_IN_SERVICE + "ca.pem"
         ids.add(settings.instance_id)
     assert ids == {"secrets-a", "secrets-b", "secrets-c"}
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    validator = jsonschema_rs.validator_for(json.loads(SCHEMA.read_text()))
+    loaded = yaml.safe_load(COMPOSE.read_text())
+    errors = [str(error).splitlines()[0] for error in validator.iter_errors(loaded)]
+    assert not errors
+    # And the schema does catch a mistake: a misspelt key of a service.
+    loaded["services"]["secrets-a"]["enviroment"] = {}
+    assert not validator.is_valid(loaded)
+
+
+def test_the_openbao_nodes_form_one_raft_cluster_over_tls(stack: dict[str, Any]) -> None:
+    nodes = {n: s for n, s in stack["services"].items() if re.fullmatch(r"openbao-\d", n)}
+    assert sorted(nodes) == ["openbao-1", "openbao-2", "openbao-3"]
+    config = (OPENBAO_DIR / "openbao.hcl").read_text()
+    joins = re.findall(r'leader_api_addr\s*=\s*"([^"]+)"', config)
+    assert joins == [f"https://{name}:8200" for name in sorted(nodes)]
+    assert config.count('leader_ca_cert_file = "/openbao/certs/ca.pem"') == 3
+    assert 'tls_cert_file   = "/openbao/certs/openbao.pem"' in config
+    assert "tls_disable" not in config
+    for name, node in nodes.items():
+        env = node["environment"]
+        assert env["BAO_RAFT_NODE_ID"] == name
+        assert env["BAO_API_ADDR"] == f"https://{name}:8200"
+        assert env["BAO_CLUSTER_ADDR"] == f"https://{name}:8201"
+        assert f"{name}:/openbao/file" in node["volumes"]  # raft data: a volume each
+        assert "./openbao/openbao.hcl:/openbao/config/openbao.hcl:ro" in node["volumes"]
+
+
+def test_the_instances_start_once_openbao_init_prepared_the_cluster(stack: dict[str, Any]) -> None:
+    init = stack["services"]["openbao-init"]
+    assert init["entrypoint"] == ["/bin/sh", "/openbao/scripts/init.sh"]
+    assert "./openbao:/openbao/scripts:ro" in init["volumes"]
+    assert init["environment"]["BAO_CACERT"] == "/openbao/certs/ca.pem"
+    for name in (n for n in stack["services"] if n.startswith("secrets-")):
+        needs = stack["services"][name]["depends_on"]
+        assert needs["openbao-init"] == {"condition": "service_completed_successfully"}
+    result = subprocess.run(["sh", "-n", str(OPENBAO_DIR / "init.sh")], capture_output=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_prometheus_scrapes_the_three_instances_over_https_with_the_projects_rules(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    prometheus = stack["services"]["prometheus"]
+    assert "../deploy/prometheus:/etc/prometheus/rules:ro" in prometheus["volumes"]
+    config_file = ROOT / "compose" / "prometheus" / "prometheus.yml"
+    config = yaml.safe_load(config_file.read_text())
+    assert config["rule_files"] == [
+        "/etc/prometheus/rules/rules.yml", "/etc/prometheus/rules/alerts.yml",
+    ]  # fmt: skip
+    (job,) = config["scrape_configs"]
+    assert job["scheme"] == "https"
+    assert job["static_configs"][0]["targets"] == [
+        f"{name}:8080" for name in stack["services"] if name.startswith("secrets-")
+    ]
+    # promtool reads the rule files and the CA the configuration names, from where compose
+    # mounts them.
+    text = config_file.read_text().replace("/etc/prometheus/rules/", f"{ROOT}/deploy/prometheus/")
+    text = text.replace("/etc/prometheus/certs/ca.pem", str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(tmp_path / "ca.pem")
+    (tmp_path / "prometheus.yml").write_text(text)
+    result = subprocess.run(
+        [promtool(), "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_instance_logs_in_to_nats_as_the_service_over_mutual_tls_and_serves_https(
@@ -204,6 +291,12 @@ def test_make_certs_makes_what_the_stack_mounts(tmp_path: Path) -> None:
     for name in ("nats-1", "nats-2", "nats-3"):
         assert f"DNS:{name}" in text
     assert "TLS Web Client Authentication" in text  # the routes' client side
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(tmp_path / "openbao.pem"), "-noout", "-text"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for name in ("openbao-1", "openbao-2", "openbao-3"):
+        assert f"DNS:{name}" in text
 
 
 def test_the_mounted_policy_loads() -> None:
@@ -219,15 +312,23 @@ def test_the_image_runs_the_serve_command_as_a_non_root_user() -> None:
         assert f"COPY {package} ./{package}" in dockerfile
 
 
-def test_docker_compose_accepts_the_file_where_docker_exists() -> None:
+def _compose_command() -> list[str] | None:
+    """`docker compose` (v2), else `docker-compose` (v1, Debian's package), else None."""
     docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client on this machine")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip("docker compose is not installed here")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return None if legacy is None else [legacy]
+
+
+def test_docker_compose_accepts_the_file_where_docker_exists() -> None:
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("neither docker compose nor docker-compose is installed here")
     result = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE), "config", "-q"],
+        [*compose, "-f", str(COMPOSE), "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -166,7 +166,7 @@ class ReplayJs(Js):
 
 async def test_a_replay_goes_on_to_the_last_sequence_whatever_num_pending_says() -> None:
     bus = Bus()
-    bus.js = ReplayJs()  # type: ignore[assignment]
+    bus.js = ReplayJs()
     hub = WatchFeed(bus)  # type: ignore[arg-type]
     watch = hub.open("bob", "", lambda path: True)
     got = [item async for item in hub.replay(watch, 4)]
