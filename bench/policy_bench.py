@@ -14,7 +14,6 @@ rounds over the same paths. Also the time to build (compile) each policy, which 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -22,7 +21,6 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,20 +284,14 @@ def main() -> int:
     except bench.BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 2
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "cpu": bench.cpu_model(),
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-        "command": " ".join([".venv/bin/python bench/policy_bench.py", *sys.argv[1:]]),
-        **figures,
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    if out is not None:
-        out.write_text(text)
-    print(text)
-    print("\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures))
-    return 0
+    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
+    return bench.report_alone(
+        "policy_bench.py",
+        figures,
+        out,
+        load_start=load_start,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -365,19 +364,7 @@ def main() -> int:
     except bench.BenchError as exc:
         print(f"bench failed: {exc} (files in {workdir})", file=sys.stderr)
         return 2
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "cpu": bench.cpu_model(),
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-        "command": " ".join([".venv/bin/python bench/rotation_bench.py", *sys.argv[1:]]),
-        **figures,
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    if out is not None:
-        out.write_text(text)
-    print(text)
-    return 0
+    return bench.report_alone("rotation_bench.py", figures, out, load_start=load_start)
 
 
 def markdown_rows(rotation: Mapping[str, Any]) -> list[str]:

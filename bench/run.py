@@ -678,6 +678,37 @@ def versions() -> dict[str, str]:
     return found
 
 
+def report_alone(
+    script: str,
+    figures: Mapping[str, Any],
+    out: Path | None,
+    *,
+    load_start: float | None = None,
+    context: Mapping[str, Any] | None = None,
+    summary: str = "",
+) -> int:
+    """What a bench part run alone (bench/<script>) prints and keeps: its figures with the
+    machine's context as JSON, written to `out` unless it is None (a quick run), then
+    `summary` (its markdown); 0, the script's exit code."""
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        **({} if load_start is None else {"load_average": {
+            "start": load_start, "end": os.getloadavg()[0]}}),
+        "command": " ".join([f".venv/bin/python bench/{script}", *sys.argv[1:]]),
+        **(context or {}),
+        **figures,
+    }  # fmt: skip
+    text = json.dumps(result, indent=2) + "\n"
+    if out is not None:
+        out.write_text(text)
+    print(text)
+    if summary:
+        print(summary)
+    return 0
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,19 +260,13 @@ def main() -> int:
     except bench.BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 2
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "cpu": bench.cpu_model(),
-        "command": " ".join([".venv/bin/python bench/scale_bench.py", *sys.argv[1:]]),
-        **figures,
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    if out is not None:
-        out.write_text(text)
-    print(text)
-    print("\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures))
-    return 0
+    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
+    return bench.report_alone(
+        "scale_bench.py",
+        figures,
+        out,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

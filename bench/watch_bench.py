@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -338,20 +336,14 @@ def main() -> int:
     except bench.BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 2
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "cpu": bench.cpu_model(),
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-        "command": " ".join([".venv/bin/python bench/watch_bench.py", *sys.argv[1:]]),
-        **figures,
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    if out is not None:
-        out.write_text(text)
-    print(text)
-    print("\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures))
-    return 0
+    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
+    return bench.report_alone(
+        "watch_bench.py",
+        figures,
+        out,
+        load_start=load_start,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

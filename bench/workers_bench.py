@@ -31,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -284,26 +283,21 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "cpu": bench.cpu_model(),
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-        "command": " ".join([".venv/bin/python bench/workers_bench.py", *sys.argv[1:]]),
-        "wrk": {
-            "threads": args.threads,
-            "connections": args.connections,
-            "duration_s": args.duration,
-            "rounds": args.rounds,
-        },  # fmt: skip
-        **figures,
-    }
-    text = json.dumps(result, indent=2) + "\n"
-    if out is not None:
-        out.write_text(text)
-    print(text)
-    print("\n".join(markdown_rows(figures)))
-    return 0
+    return bench.report_alone(
+        "workers_bench.py",
+        figures,
+        out,
+        load_start=load_start,
+        context={
+            "wrk": {
+                "threads": args.threads,
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "rounds": args.rounds,
+            }
+        },
+        summary="\n".join(markdown_rows(figures)),
+    )
 
 
 if __name__ == "__main__":
