@@ -6,10 +6,8 @@ goes to the node in use. Fake nodes are small loopback servers; a real cluster: 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -20,6 +18,7 @@ from schemas.errors import VaultUnavailable
 from service.vault.nodes import NodeRing, retry_on_next
 from tests import support
 from tests.support import backend_for
+from tests.unit.service.vault.test_backend import HostilePeer, Request
 
 no_proxy_settings = support.no_proxy_settings
 pytestmark = pytest.mark.usefixtures("no_proxy_settings")
@@ -139,58 +138,24 @@ async def hanging(node: FakeNode, method: str, path: str) -> bytes | None:
     return None
 
 
-@dataclass
-class FakeNode:
-    behaviour: Behaviour
-    seen: list[tuple[str, str]] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+class FakeNode(HostilePeer):
+    """A Vault node on loopback (test_backend's HostilePeer) answering as `behaviour` says;
+    `seen`: the (method, target) of every request it read."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__(self._answer)
+        self.behaviour = behaviour
 
     @property
-    def addr(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def seen(self) -> list[tuple[str, str]]:
+        return [(request.method, request.target) for request in self.requests]
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                line, *fields = head.decode("latin-1").split("\r\n")
-                method, target, _ = line.split(" ", 2)
-                length = 0
-                for entry in fields:
-                    name, _, value = entry.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                self.seen.append((method, target))
-                reply = await self.behaviour(self, method, target)
-                if reply is None:
-                    break
-                writer.write(reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _answer(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        reply = await self.behaviour(self, request.method, request.target)
+        if reply is None:
+            return False  # close without an answer
+        writer.write(reply)
+        return True
 
 
 MakeNodes = Callable[..., Awaitable[list[FakeNode]]]
