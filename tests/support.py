@@ -103,6 +103,21 @@ class LeastPrivilege:
         return cls(openbao.addr, least_privilege_token(openbao.addr, openbao.root_token))
 
 
+READER_WRITER_POLICY = """\
+[auth]
+roles_claim = "roles"
+
+[roles.app-reader]
+read = ["app/**"]
+
+[roles.writer]
+read = ["**"]
+write = ["**"]
+"""
+"""A policy for tokens from tests.tokens.LocalIssuer: `app-reader` reads app/**, `writer` reads
+and writes everything (the watch stream's and the client library's tests)."""
+
+
 def write_policy(directory: Path, text: str = DEV_POLICY_TOML) -> Path:
     path = directory / "policy.toml"
     path.write_text(text)

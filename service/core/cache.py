@@ -120,17 +120,6 @@ class SecretCache:
         """Every (key, entry), least recently used first: a live view, to iterate at once."""
         return self._entries.items()
 
-    def cached_versions(self) -> dict[str, set[int]]:
-        """path -> the versions held for it (latest and pinned), for the out-of-band check."""
-        found: dict[str, set[int]] = {}
-        for (path, _), entry in self._entries.items():
-            found.setdefault(path, set()).add(entry.secret.version)
-        return found
-
-    def latest_paths(self) -> list[tuple[str, int]]:
-        """(path, cached version) of every latest-entry, for the out-of-band version check."""
-        return [(k[0], e.secret.version) for k, e in self._entries.items() if k[1] is None]
-
     def clear(self) -> None:
         self.evictions += len(self._entries)
         self._entries.clear()

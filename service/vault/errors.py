@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -16,7 +16,7 @@ import requests
 from schemas.errors import NotFound, SecretsError, VaultAccessDenied, VaultUnavailable
 from service.vault.answers import error_answer
 
-__all__ = ["CasMismatch", "Malformed", "check_done", "mapped", "mapped_call", "status_error"]
+__all__ = ["CasMismatch", "Malformed", "check_done", "mapped", "status_error"]
 
 log = logging.getLogger("secrets.vault")
 T = TypeVar("T")
@@ -74,12 +74,6 @@ def mapped(op: str, path: str) -> Iterator[None]:
             "vault unavailable", extra={"op": op, "path": path, "error_type": type(exc).__name__}
         )
         raise VaultUnavailable("the secrets backend is unavailable", path=path) from None
-
-
-def mapped_call(op: str, path: str, fn: Callable[[], T]) -> T:
-    """`fn()` with its failures mapped: what a worker thread runs for an hvac call."""
-    with mapped(op, path):
-        return fn()
 
 
 def status_error(status: int, payload: bytes, method: str, url: str) -> hvac_errors.VaultError:

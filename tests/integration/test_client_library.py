@@ -25,6 +25,9 @@ from events.listener import Change
 from secrets_client import AsyncSecretsClient, ClientError, SecretsClient
 from service.settings import Settings
 from tests.support import (
+    READER_WRITER_POLICY as POLICY,
+)
+from tests.support import (
     RunningService,
     eventually,
     running_service,
@@ -34,17 +37,6 @@ from tests.support import (
 from tests.tokens import LocalIssuer, sign
 
 AUDIENCE = "secrets-service"
-POLICY = """\
-[auth]
-roles_claim = "roles"
-
-[roles.app-reader]
-read = ["app/**"]
-
-[roles.writer]
-read = ["**"]
-write = ["**"]
-"""
 CANARY = "canary-c1f2-never-on-the-stream"
 EVICTION_DEADLINE = 5.0  # seconds from a write's answer to the eviction; measured in ms
 

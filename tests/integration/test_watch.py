@@ -21,6 +21,9 @@ from joserfc.jwk import RSAKey
 
 from devstack import NatsEndpoint, OpenBaoEndpoint, free_port
 from tests.support import (
+    READER_WRITER_POLICY as POLICY,
+)
+from tests.support import (
     RunningService,
     eventually,
     running_service,
@@ -31,17 +34,6 @@ from tests.support import (
 from tests.tokens import LocalIssuer, sign
 
 AUDIENCE = "secrets-service"
-POLICY = """\
-[auth]
-roles_claim = "roles"
-
-[roles.app-reader]
-read = ["app/**"]
-
-[roles.writer]
-read = ["**"]
-write = ["**"]
-"""
 CANARY = "canary-watch-5e1d-never-streamed"
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from schemas.secret import Secret, SecretData
 from service.core.cache import SecretCache
+from service.core.watcher import cache_targets
 from tests.fakes import FakeClock
 
 TTL = 300.0
@@ -257,11 +258,21 @@ def test_a_zero_ttl_or_zero_max_entries_disables_caching(
     assert cache.get("app/db", 1, TTL) is None
 
 
-def test_latest_paths_lists_each_latest_entry_with_its_version(cache: SecretCache) -> None:
+def latest(cache: SecretCache) -> dict[str, int]:
+    """path -> the version of its latest-entry, from the poller's snapshot of `cache`."""
+    return {path: t.latest for path, t in cache_targets(cache).items() if t.latest}
+
+
+def held(cache: SecretCache) -> dict[str, set[int]]:
+    """path -> every version `cache` holds of it, from the same snapshot."""
+    return {path: set(t.held) for path, t in cache_targets(cache).items()}
+
+
+def test_a_snapshot_names_each_latest_entry_with_its_version(cache: SecretCache) -> None:
     put(cache, "app/a", 3)
     put(cache, "app/b", 1)
     put(cache, "app/c", 7, pinned=True)
-    assert sorted(cache.latest_paths()) == [("app/a", 3), ("app/b", 1)]
+    assert latest(cache) == {"app/a": 3, "app/b": 1}
 
 
 def test_clear_drops_everything_and_counts_the_evictions(cache: SecretCache) -> None:
@@ -270,7 +281,7 @@ def test_clear_drops_everything_and_counts_the_evictions(cache: SecretCache) -> 
     before = cache.evictions
     cache.clear()
     assert len(cache) == 0
-    assert cache.latest_paths() == []
+    assert latest(cache) == {}
     assert cache.get("app/b", 2, TTL) is None
     assert cache.evictions == before + 2
 
@@ -280,7 +291,7 @@ def test_the_cache_drops_a_latest_entry_whatever_its_version_and_lists_what_it_h
     for version, pinned in ((3, False), (1, True), (2, True)):
         cache.put(Secret("app/db", version, SecretData({}), "t"), b"{}", pinned=pinned)
     cache.put(Secret("app/other", 1, SecretData({}), "t"), b"{}")
-    assert cache.cached_versions() == {"app/db": {1, 2, 3}, "app/other": {1}}
+    assert held(cache) == {"app/db": {1, 2, 3}, "app/other": {1}}
     assert cache.drop_latest("app/db") is True
     assert cache.drop_latest("app/db") is False
-    assert cache.cached_versions() == {"app/db": {1, 2}, "app/other": {1}}
+    assert held(cache) == {"app/db": {1, 2}, "app/other": {1}}
