@@ -87,8 +87,6 @@ async def _open(
             hvac_backend = HvacBackend(
                 settings.vault_addrs or settings.vault_addr,  # every node of an HA cluster
                 token=settings.vault_token,
-                role_id=settings.vault_role_id,
-                secret_id=settings.vault_secret_id,
                 auth=login_method(
                     settings.vault_auth,
                     token=settings.vault_token,
