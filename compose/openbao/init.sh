@@ -4,10 +4,10 @@
 # auto-unseal seal), unseal every node (the others join through retry_join), wait for three
 # voters, then mount KV v2 at `secret` and give the service its AppRole `secrets-service`
 # (role id `secrets-service`, secret id $SECRETS_VAULT_SECRET_ID, policy secrets-service.hcl).
-#   BAO_NODES   the nodes' API addresses (default: https://openbao-1..3:8200)
+#   BAO_NODES   the nodes' API addresses (default: 127.0.0.1:8200, :8210, :8220)
 #   BAO_CACERT  the CA of their certificates;  INIT_DIR  where init.json is kept
 set -eu
-nodes=${BAO_NODES:-"https://openbao-1:8200 https://openbao-2:8200 https://openbao-3:8200"}
+nodes=${BAO_NODES:-"https://127.0.0.1:8200 https://127.0.0.1:8210 https://127.0.0.1:8220"}
 state=${INIT_DIR:-/openbao/init}/init.json
 here=$(dirname "$0")
 first=${nodes%% *}
