@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools dev stack test lint typecheck bench bench-cache bench-vault reliability soak clean
+.PHONY: install tools docker-tools images compose-test dev stack test lint typecheck bench bench-cache bench-vault reliability soak clean
 
 # Two distributions from this checkout: secrets-client (client/: schemas, events, secrets_client)
 # and secrets-service (the service, which depends on it). devstack/ is importable from here only.
@@ -46,8 +46,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# SECRETS_TEST_CONTAINERS=1 make test: OpenBao and nats-server as containers (tests/servers.py),
+# with an engine answering (dockerd started, and stopped after, when none runs) and the local
+# images built first: devstack/containers.py. Without it, no Docker is involved.
+TEST_IMAGES ?= openbao,nats
+TEST_RUNNER := $(if $(filter 1,$(SECRETS_TEST_CONTAINERS)),$(BIN)/python -m devstack.containers run --images=$(TEST_IMAGES) --)
+
 test: $(STAMP) tools lint typecheck
-	SECRETS_TEST_REQUIRE_SERVERS=1 $(BIN)/pytest -m "not slow"
+	SECRETS_TEST_REQUIRE_SERVERS=1 $(TEST_RUNNER) $(BIN)/pytest -m "not slow"
 
 # Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500
 # schemathesis examples); measured figures go to bench/results/reliability.jsonl.
@@ -82,6 +88,27 @@ bench-cache: $(STAMP)
 # client taken from git, hvac in a thread), rounds interleaved; bench/results/vault_client.json.
 bench-vault: $(STAMP)
 	$(BIN)/python bench/vault_client_bench.py
+
+# Containers (devstack/containers.py): Debian's Docker engine, docker-compose and mmdebstrap,
+# installed when missing (root, as CI). A dockerd is started when none answers, and stopped after.
+docker-tools:
+	@command -v dockerd >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 && \
+	  { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; } || { \
+	  echo "installing docker.io docker-compose mmdebstrap"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q docker.io docker-compose mmdebstrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q docker.io docker-compose mmdebstrap >/dev/null; }; }
+
+# The local images: a Debian base (mmdebstrap), OpenBao, NATS and Prometheus from the binaries the
+# tests run, and the service from ./Dockerfile on that base.
+images: $(STAMP) tools docker-tools
+	$(BIN)/python -m devstack.containers images
+
+# compose/docker-compose.yml for real on the local images (host network, loopback only): OIDC
+# tokens, a write read back through another instance, a rotation, Prometheus; then `down -v`,
+# checking that no container, network or volume is left.
+compose-test: $(STAMP) tools docker-tools
+	$(BIN)/python -m devstack.compose_test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

