@@ -49,6 +49,12 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # certificates (as here), pip in the build trusts what the machine trusts.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 ENGINE_TIMEOUT = 60.0
+TAGS = {
+    "openbao": OPENBAO_IMAGE,
+    "nats": NATS_IMAGE,
+    "prometheus": PROMETHEUS_IMAGE,
+    "service": SERVICE_IMAGE,
+}
 
 
 def docker(
@@ -146,6 +152,13 @@ def image_exists(tag: str) -> bool:
     return docker("image", "inspect", tag, check=False).returncode == 0
 
 
+def image_id(tag: str) -> str | None:
+    if not tag:
+        return None
+    found = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
 def build_base(tag: str = BASE_IMAGE, *, mirror: str = DEBIAN_MIRROR) -> None:
     """Debian 12 minbase with Python 3.11, its venv module and the machine's CA bundle (pip is
     told to use it), imported as `tag`."""
@@ -221,6 +234,7 @@ def build_images(
         took["base"] = time.monotonic() - began
     for name in which:
         began = time.monotonic()
+        replaced = image_id(TAGS.get(name, ""))
         if name == "openbao":
             files = {
                 "usr/bin/bao": _openbao_binary(),
@@ -251,6 +265,9 @@ def build_images(
         else:
             raise ValueError(f"unknown image {name!r}")
         took[name] = time.monotonic() - began
+        if replaced and replaced != image_id(TAGS[name]):
+            # The previous build of this tag only, now untagged; an image still in use stays.
+            docker("rmi", replaced, check=False)
     return took
 
 
