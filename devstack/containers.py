@@ -114,11 +114,17 @@ class DockerEngine:
         argv = [
             dockerd,
             f"--data-root={self.data_root}",
+            f"--exec-root={self.data_root}-exec",
+            f"--pidfile={self.data_root}.pid",
             "--storage-driver=vfs",  # works on any filesystem, in a container too
             "--iptables=false",
             "--bridge=none",
-            f"--pidfile={self.data_root}.pid",
         ]
+        # Where DOCKER_HOST names a socket, the engine listens there (a second engine beside a
+        # system one, each with its own data root).
+        host = os.environ.get("DOCKER_HOST", "")
+        if host.startswith("unix://"):
+            argv.append(f"--host={host}")
         log = self.log_path.open("ab")
         try:
             self.process = subprocess.Popen(
