@@ -19,13 +19,20 @@ $(STAMP): pyproject.toml client/pyproject.toml
 install: $(STAMP) tools
 
 # prometheus and promtool (make test checks the rules and a real /metrics with promtool; make
-# stack runs Prometheus): Debian's `prometheus` package, installed when missing (root, as CI).
+# stack runs Prometheus) and docker-compose (make test has it check compose/, which needs no
+# engine): Debian's packages, installed when missing (root, as CI).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  echo "promtool not found: apt-get install -y prometheus"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q prometheus >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; }
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || { \
+	  echo "docker compose not found: apt-get install -y --no-install-recommends docker-compose"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && \
+	      apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }; }
 
 dev: $(STAMP)
 	$(BIN)/secrets-service dev
@@ -52,7 +59,7 @@ typecheck: $(STAMP)
 TEST_IMAGES ?= openbao,nats
 TEST_RUNNER := $(if $(filter 1,$(SECRETS_TEST_CONTAINERS)),$(BIN)/python -m devstack.containers run --images=$(TEST_IMAGES) --)
 
-test: $(STAMP) tools lint typecheck
+test: $(STAMP) tools $(if $(filter 1,$(SECRETS_TEST_CONTAINERS)),docker-tools) lint typecheck
 	SECRETS_TEST_REQUIRE_SERVERS=1 $(TEST_RUNNER) $(BIN)/pytest -m "not slow"
 
 # Every scenario of RELIABILITY.md, the long variants included (30 s of writers, 500

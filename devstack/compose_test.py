@@ -159,6 +159,10 @@ class ComposeStack:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
 
 
+def _say(step: str) -> None:
+    print(f"compose-test: {step}", file=sys.stderr, flush=True)
+
+
 def docker_bytes(*args: str) -> bytes:
     result = subprocess.run(["docker", *args], capture_output=True, check=False)
     if result.returncode != 0:
@@ -311,14 +315,16 @@ def _summary(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
-def run(keep_engine: bool = False) -> dict[str, Any]:
+def run() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     engine = DockerEngine()
     began = time.monotonic()
+    _say("Docker engine ...")
     engine.start()
     try:
         figures["engine_started_here"] = engine.started_here
         figures["engine_s"] = round(time.monotonic() - began, 1)
+        _say("images (base when missing; OpenBao, NATS, Prometheus, the service) ...")
         figures["build_s"] = {k: round(v, 1) for k, v in build_images().items()}
         tags = (OPENBAO_IMAGE, NATS_IMAGE, PROMETHEUS_IMAGE, SERVICE_IMAGE)
         figures["image_mb"] = {t: round(s / 1e6) for t, s in image_sizes(tags).items()}
@@ -334,20 +340,21 @@ def run(keep_engine: bool = False) -> dict[str, Any]:
                 raise
             finally:
                 down_began = time.monotonic()
+                _say("down -v ...")
                 stack.down()
                 figures["down_s"] = round(time.monotonic() - down_began, 1)
                 left = stack.leftovers()
         if left:
             raise DevStackError(f"compose down left {left}")
     finally:
-        if not keep_engine:
-            engine.stop()
+        engine.stop()
     return figures
 
 
 def _up_and_check(stack: ComposeStack) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     began = time.monotonic()
+    _say("up: OpenBao (three nodes) and openbao-init ...")
     stack.compose("up", "-d", "--no-build", "openbao-init")
     code = stack.wait_exit("openbao-init", 300)
     if code != 0:
@@ -356,8 +363,10 @@ def _up_and_check(stack: ComposeStack) -> dict[str, Any]:
     oidc = configure_oidc(VAULT, stack.root_token(), verify=stack.verify)
     if oidc.issuer != stack.env["SECRETS_OIDC_ISSUER"]:
         raise DevStackError(f"OpenBao's issuer is {oidc.issuer}, the stack was told otherwise")
+    _say("up: NATS, the three instances, Prometheus ...")
     stack.compose("up", "-d", "--no-build")
     figures["all_up_s"] = round(time.monotonic() - began, 1)
+    _say("smoke test ...")
     figures.update(smoke_test(stack, oidc))
     figures["total_s"] = round(time.monotonic() - began, 1)
     return figures
