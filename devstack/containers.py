@@ -152,6 +152,21 @@ class DockerEngine:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+        # dockerd leaves its network namespace mounted under the exec root: unmount, remove.
+        exec_root = f"{self.data_root}-exec"
+        for mount in _mount_points_under(exec_root):
+            subprocess.run(["umount", mount], capture_output=True, check=False)
+        shutil.rmtree(exec_root, ignore_errors=True)
+
+
+def _mount_points_under(folder: str) -> list[str]:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[1] for line in lines if len(line.split()) > 1]
+    # Deepest first, so a mount inside another comes off before it.
+    return sorted((p for p in points if p.startswith(folder + "/")), key=len, reverse=True)
 
 
 def image_exists(tag: str) -> bool:
