@@ -73,6 +73,7 @@ AUDIT_STREAM = "SECRETS_AUDIT"
 APPROVALS_STREAM = "SECRETS_APPROVALS"
 APPROVALS_MAX_AGE = 90 * 86400  # seconds JetStream keeps approval events, for notifiers away
 AUDIT_MAX_AGE = 90 * 86400  # seconds JetStream keeps audit records; export them to keep more
+DRAIN_TIMEOUT = 5  # seconds aclose lets NATS drain the subscriptions before it closes
 
 MAX_EVENT_VERSION: Final = 2**53  # beyond any real KV version, and JSON's exact integer range
 MAX_EVENT_VERSIONS: Final = 1000  # versions one lifecycle event may name
@@ -238,6 +239,9 @@ class EventBus:
                     connect_timeout=connect_timeout,  # type: ignore[arg-type]  # takes a float
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                    # aclose drains: bounded well inside a shutdown's grace (nats-py's is 30 s,
+                    # which a subscription stuck behind a slow reconnect could use up).
+                    drain_timeout=DRAIN_TIMEOUT,
                     allow_reconnect=True,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,

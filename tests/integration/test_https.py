@@ -37,13 +37,13 @@ def tls_overrides(tls: Tls) -> dict[str, str]:
 
 
 def healthcheck_argv() -> list[str]:
-    """The Dockerfile's HEALTHCHECK command, with this interpreter for the image's `python`."""
+    """The Dockerfile's HEALTHCHECK command, with this interpreter for the image's `python3`."""
     line = next(
         line for line in (ROOT / "Dockerfile").read_text().splitlines()
         if line.startswith("HEALTHCHECK ")
     )  # fmt: skip
     argv: list[str] = json.loads(line.split(" CMD ", 1)[1])
-    assert argv[0] == "python"
+    assert argv[0] == "python3"
     return [sys.executable, *argv[1:]]
 
 
