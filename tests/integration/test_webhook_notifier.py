@@ -280,7 +280,8 @@ async def test_a_notifier_restarted_with_the_same_durable_resumes_after_the_last
         # The stopped notifier's last fetch stays a waiting pull request until the server has
         # seen its connection close; an event published before then goes to that dead request
         # and is redelivered only after ack_wait.
-        return (await bus.js.consumer_info(bus.stream, "chat")).num_waiting == 0
+        info = await bus.js.consumer_info(bus.stream, "chat")
+        return bool(info.num_waiting == 0)
 
     await eventually(no_pull_waiting)
     for item in while_down:
