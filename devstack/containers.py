@@ -57,17 +57,13 @@ TAGS = {
 }
 
 
-def docker(
-    *args: str, check: bool = True, capture: bool = True
-) -> subprocess.CompletedProcess[str]:
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the docker CLI; the classic builder, which every engine version has (a recent CLI
     otherwise asks for the buildx plugin)."""
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
-    result = subprocess.run(
-        ["docker", *args], env=env, text=True, capture_output=capture, check=False
-    )
+    result = subprocess.run(["docker", *args], env=env, text=True, capture_output=True, check=False)
     if check and result.returncode != 0:
-        detail = (result.stderr or result.stdout or "").strip()[-2000:] if capture else ""
+        detail = (result.stderr or result.stdout or "").strip()[-2000:]
         raise DevStackError(f"docker {' '.join(args[:3])} failed ({result.returncode}): {detail}")
     return result
 
@@ -174,8 +170,6 @@ def image_exists(tag: str) -> bool:
 
 
 def image_id(tag: str) -> str | None:
-    if not tag:
-        return None
     found = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False)
     return found.stdout.strip() if found.returncode == 0 else None
 
@@ -248,6 +242,9 @@ def build_images(
 ) -> dict[str, float]:
     """Build the base when missing, then each image of `which` (the engine's cache makes an
     unchanged one instant). Returns the seconds each took."""
+    unknown = [name for name in which if name not in TAGS]
+    if unknown:
+        raise DevStackError(f"unknown image {unknown[0]!r}: one of {', '.join(TAGS)}")
     took: dict[str, float] = {}
     began = time.monotonic()
     if not image_exists(base):
@@ -255,12 +252,12 @@ def build_images(
         took["base"] = time.monotonic() - began
     for name in which:
         began = time.monotonic()
-        replaced = image_id(TAGS.get(name, ""))
+        replaced = image_id(TAGS[name])
         if name == "openbao":
             files = {
                 "usr/bin/bao": _openbao_binary(),
                 "usr/local/bin/docker-entrypoint.sh": IMAGES_DIR / "openbao-entrypoint.sh",
-                **{f"openbao/{name}/": Path() for name in ("config", "file", "logs")},
+                **{f"openbao/{folder}/": Path() for folder in ("config", "file", "logs")},
             }
             _build_from_binaries(OPENBAO_IMAGE, "openbao.Dockerfile", files, base)
         elif name == "nats":
@@ -273,7 +270,7 @@ def build_images(
                 "etc/prometheus/": Path(),
             }
             _build_from_binaries(PROMETHEUS_IMAGE, "prometheus.Dockerfile", files, base)
-        elif name == "service":
+        else:  # the service
             docker(
                 "build",
                 "--network=host",  # pip reaches the package index from the build
@@ -283,8 +280,6 @@ def build_images(
                 SERVICE_IMAGE,
                 str(ROOT),
             )
-        else:
-            raise ValueError(f"unknown image {name!r}")
         took[name] = time.monotonic() - began
         if replaced and replaced != image_id(TAGS[name]):
             # The previous build of this tag only, now untagged; an image still in use stays.

@@ -92,3 +92,13 @@ def test_no_engine_and_no_dockerd_says_what_to_install(
     monkeypatch.setenv("PATH", str(tmp_path))  # neither docker nor dockerd
     assert main(["images", "nats"]) == 1
     assert "apt-get install docker.io" in capsys.readouterr().err
+
+
+def test_an_unknown_image_name_is_refused_before_anything_is_built(
+    fakes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (fakes / "running").touch()
+    assert main(["images", "nats", "postgres"]) == 1
+    assert "unknown image 'postgres': one of openbao, nats, prometheus, service" in (
+        capsys.readouterr().err
+    )
