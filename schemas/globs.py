@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from schemas.errors import ConfigError
 from schemas.paths import MAX_PATH_LENGTH, MAX_SEGMENTS, SEGMENT_CHARS, is_valid_path
 
-__all__ = ["PathGlob"]
+__all__ = ["PathGlob", "policy_globs"]
 
 _GLOB_SEGMENT_RE = re.compile(f"[*{SEGMENT_CHARS}]+")
 _ANY_SEGMENT = f"[{SEGMENT_CHARS}]+"
@@ -205,3 +206,21 @@ def _glob_regex(segments: tuple[str, ...]) -> str:
 def _token_takes(token: re.Pattern[str] | None, segment: str) -> bool:
     """Whether a `PathGlob` token takes `segment`: ``**`` (None) takes any."""
     return token is None or token.fullmatch(segment) is not None
+
+
+def policy_globs(source: str, where: str, patterns: object, *, required: bool) -> list[PathGlob]:
+    """The glob list at `where` of a policy file (roles, validation, rotation and approval rules
+    all have them): a list of strings, each a valid PathGlob, non-empty when `required`; else a
+    ConfigError naming `where` (and the index) for the setting `source`."""
+    if not isinstance(patterns, list) or (required and not patterns):
+        wanted = "required, a non-empty list" if required else "must be a list"
+        raise ConfigError(source, f"{where}: {wanted} of path globs")
+    globs = []
+    for index, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise ConfigError(source, f"{where}[{index}]: must be a string")
+        try:
+            globs.append(PathGlob(pattern))
+        except ValueError as exc:
+            raise ConfigError(source, f"{where}[{index}]: {exc}") from None
+    return globs

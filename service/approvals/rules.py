@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from schemas.errors import ConfigError
-from schemas.globs import PathGlob
+from schemas.globs import PathGlob, policy_globs
 from schemas.paths import is_reserved
 from service.auth.policy import POLICY_SETTING
-from service.core.validation import only_keys
+from service.core.validation import only_keys, rule_tables
 from service.durations import parse_duration
 
 __all__ = ["DEFAULT_EXPIRES", "MAX_REQUIRED", "ApprovalRule", "ApprovalRules"]
@@ -48,20 +48,7 @@ class ApprovalRules:
 
     @classmethod
     def from_policy(cls, raw: Mapping[str, Any], *, source: str = POLICY_SETTING) -> ApprovalRules:
-        section = raw.get("approvals", {})
-        if not isinstance(section, dict):
-            raise ConfigError(source, "[approvals] must be a table")
-        only_keys(source, "approvals", section, {"rules"})
-        tables = section.get("rules", [])
-        if not isinstance(tables, list):
-            raise ConfigError(source, "approvals.rules: must be an array of tables")
-        rules = []
-        for index, table in enumerate(tables):
-            where = f"approvals.rules[{index}]"
-            if not isinstance(table, dict):
-                raise ConfigError(source, f"{where}: must be a table, like [[approvals.rules]]")
-            rules.append(_rule(source, where, table))
-        return cls(rules)
+        return cls([_rule(source, where, t) for where, t in rule_tables(source, raw, "approvals")])
 
     def rule_for(self, path: str) -> ApprovalRule | None:
         for rule in self.rules:
@@ -75,17 +62,7 @@ class ApprovalRules:
 
 def _rule(source: str, where: str, table: Mapping[str, Any]) -> ApprovalRule:
     only_keys(source, where, table, _KEYS)
-    patterns = table.get("paths")
-    if not isinstance(patterns, list) or not patterns:
-        raise ConfigError(source, f"{where}.paths: required, a non-empty list of path globs")
-    globs: list[PathGlob] = []
-    for index, pattern in enumerate(patterns):
-        if not isinstance(pattern, str):
-            raise ConfigError(source, f"{where}.paths[{index}]: must be a string")
-        try:
-            globs.append(PathGlob(pattern))
-        except ValueError as exc:
-            raise ConfigError(source, f"{where}.paths[{index}]: {exc}") from None
+    globs = policy_globs(source, f"{where}.paths", table.get("paths"), required=True)
     required = table.get("required", 1)
     if isinstance(required, bool) or not isinstance(required, int):
         raise ConfigError(source, f"{where}.required: must be an integer")

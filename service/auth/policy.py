@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas.errors import ConfigError
-from schemas.globs import PathGlob
+from schemas.globs import PathGlob, policy_globs
 from service.auth.matcher import GrantMatcher
 
 __all__ = [
@@ -118,16 +118,9 @@ class Policy:
                         source,
                         f"{where}.{key}: unknown key; expected one of {', '.join(PERMISSIONS)}",
                     )
-                if not isinstance(patterns, list):
-                    raise ConfigError(source, f"{where}.{key}: must be a list of path globs")
-                globs = grants[role][PERMISSIONS[key]] = []
-                for index, pattern in enumerate(patterns):
-                    if not isinstance(pattern, str):
-                        raise ConfigError(source, f"{where}.{key}[{index}]: must be a string")
-                    try:
-                        globs.append(PathGlob(pattern))
-                    except ValueError as exc:
-                        raise ConfigError(source, f"{where}.{key}[{index}]: {exc}") from exc
+                grants[role][PERMISSIONS[key]] = policy_globs(
+                    source, f"{where}.{key}", patterns, required=False
+                )
         return cls(roles_claim=roles_claim, grants=grants, raw=raw)
 
     @classmethod

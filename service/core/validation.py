@@ -73,7 +73,7 @@ from typing import Any
 import msgspec
 
 from schemas.errors import ConfigError, InvalidRequest, Violation
-from schemas.globs import PathGlob
+from schemas.globs import PathGlob, policy_globs
 from service.auth.policy import POLICY_SETTING
 
 __all__ = [
@@ -363,6 +363,27 @@ _LIMIT_KEYS = frozenset(
 _FIELD_KEYS = frozenset(f.name for f in dataclasses.fields(FieldSpec))
 
 
+def rule_tables(
+    source: str, raw: Mapping[str, Any], section: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """The `[[<section>.rules]]` tables of a parsed policy, each with where it stands
+    (`rotation.rules[0]`, ...); a ConfigError for a section or rule of the wrong shape."""
+    tables = raw.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(source, f"[{section}] must be a table")
+    only_keys(source, section, tables, {"rules"})
+    rules = tables.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(source, f"{section}.rules: must be an array of tables")
+    found = []
+    for index, table in enumerate(rules):
+        where = f"{section}.rules[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(source, f"{where}: must be a table, like [[{section}.rules]]")
+        found.append((where, table))
+    return found
+
+
 def only_keys(source: str, where: str, table: Mapping[str, Any], keys: Iterable[str]) -> None:
     """ConfigError naming the first key of the policy table `table` not among `keys`."""
     allowed = sorted(keys)
@@ -386,16 +407,7 @@ def _rule(source: str, where: str, table: Mapping[str, Any], base: Rule) -> Rule
         raise ConfigError(source, f"{where}.min_length: greater than max_length")
     paths: list[PathGlob] = []
     if "paths" in table or where != "validation.defaults":
-        raw_paths = table.get("paths")
-        if not isinstance(raw_paths, list) or not raw_paths:
-            raise ConfigError(source, f"{where}.paths: required, a non-empty list of path globs")
-        for index, pattern in enumerate(raw_paths):
-            if not isinstance(pattern, str):
-                raise ConfigError(source, f"{where}.paths[{index}]: must be a string")
-            try:
-                paths.append(PathGlob(pattern))
-            except ValueError as exc:
-                raise ConfigError(source, f"{where}.paths[{index}]: {exc}") from None
+        paths = policy_globs(source, f"{where}.paths", table.get("paths"), required=True)
     required = _keys(source, where, table, "required")
     allowed = _keys(source, where, table, "allowed") if "allowed" in table else None
     if allowed is not None and not set(required) <= set(allowed):

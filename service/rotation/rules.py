@@ -25,10 +25,10 @@ from typing import Any
 from cronsim import CronSim, CronSimError
 
 from schemas.errors import ConfigError
-from schemas.globs import PathGlob
+from schemas.globs import PathGlob, policy_globs
 from schemas.paths import is_reserved, is_valid_path
 from service.auth.policy import POLICY_SETTING
-from service.core.validation import FIELD_NAME, Validator, only_keys
+from service.core.validation import FIELD_NAME, Validator, only_keys, rule_tables
 from service.durations import parse_duration
 from service.rotation.generators import GENERATORS, infeasible
 
@@ -103,18 +103,8 @@ class RotationRules:
     ) -> RotationRules:
         """Build from the parsed policy TOML (`Policy.raw`); a wrong rule, or one whose values
         the [validation] rules would refuse, raises ConfigError naming the rule and key."""
-        section = raw.get("rotation", {})
-        if not isinstance(section, dict):
-            raise ConfigError(source, "[rotation] must be a table")
-        only_keys(source, "rotation", section, {"rules"})
-        tables = section.get("rules", [])
-        if not isinstance(tables, list):
-            raise ConfigError(source, "rotation.rules: must be an array of tables")
         rules = []
-        for index, table in enumerate(tables):
-            where = f"rotation.rules[{index}]"
-            if not isinstance(table, dict):
-                raise ConfigError(source, f"{where}: must be a table, like [[rotation.rules]]")
+        for where, table in rule_tables(source, raw, "rotation"):
             rule = _rule(source, where, table)
             refused = infeasible(rule, validator)
             if refused is not None:
@@ -194,18 +184,7 @@ def _rule(source: str, where: str, table: Mapping[str, Any]) -> RotationRule:
 
 
 def _paths(source: str, where: str, table: Mapping[str, Any]) -> tuple[PathGlob, ...]:
-    patterns = table.get("paths")
-    if not isinstance(patterns, list) or not patterns:
-        raise ConfigError(source, f"{where}.paths: required, a non-empty list of path globs")
-    globs: list[PathGlob] = []
-    for index, pattern in enumerate(patterns):
-        if not isinstance(pattern, str):
-            raise ConfigError(source, f"{where}.paths[{index}]: must be a string")
-        try:
-            globs.append(PathGlob(pattern))
-        except ValueError as exc:
-            raise ConfigError(source, f"{where}.paths[{index}]: {exc}") from None
-    return tuple(globs)
+    return tuple(policy_globs(source, f"{where}.paths", table.get("paths"), required=True))
 
 
 def _duration(source: str, where: str, table: Mapping[str, Any], key: str) -> float | None:
