@@ -26,15 +26,11 @@ __all__ = ["DEV_SERVICE_POLICY", "least_privilege_token", "run_dev"]
 
 _EXAMPLE_BODY = '{"data": {"username": "app", "password": "n3w-Secret-value!"}, "version": 1}'
 
-# The service's own Vault policy in the dev stack: least privilege on the KV v2 mount.
-DEV_SERVICE_POLICY = """
-path "secret/data/*" { capabilities = ["create", "read", "update"] }
-path "secret/metadata/*" { capabilities = ["read", "list"] }
-path "secret/delete/*" { capabilities = ["update"] }
-path "secret/undelete/*" { capabilities = ["update"] }
-path "secret/destroy/*" { capabilities = ["update"] }
-path "auth/token/lookup-self" { capabilities = ["read"] }
-"""
+# The service's own Vault policy, least privilege on the KV v2 mount: the very file compose's
+# openbao-init and `make stack` install.
+DEV_SERVICE_POLICY = (
+    Path(__file__).resolve().parents[1] / "compose" / "openbao" / "secrets-service.hcl"
+).read_text()
 
 
 def run_dev(*, port: int = 8080) -> int:
