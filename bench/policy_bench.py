@@ -14,7 +14,6 @@ rounds over the same paths. Also the time to build (compile) each policy, which 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import statistics
@@ -277,20 +276,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(bench.ROOT)}")
     args = parser.parse_args()
     checks = args.checks or (2_000 if args.quick else 20_000)
-    out = args.out or (None if args.quick else OUT)
-    load_start = os.getloadavg()[0]
-    try:
-        figures = bench_policy(checks, args.rounds)
-    except bench.BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
-    return bench.report_alone(
+    return bench.run_alone(
         "policy_bench.py",
-        figures,
-        out,
-        load_start=load_start,
-        summary=summary,
+        lambda: bench_policy(checks, args.rounds),
+        args.out or (None if args.quick else OUT),
+        summary=lambda figures: "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures),
     )
 
 

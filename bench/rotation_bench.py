@@ -43,7 +43,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -349,22 +348,22 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, help="py-spy's collapsed stacks (postgres, alone)")
     parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(bench.ROOT)}")
     args = parser.parse_args()
-    for name, full, quick in (("password", 200, 20), ("postgres", 100, 10), ("alone", 20, 5)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    out = args.out or (None if args.quick else OUT)
-    workdir = Path(tempfile.mkdtemp(prefix="rotation-bench-"))
-    load_start = os.getloadavg()[0]
-    try:
-        with bench.stack(workdir) as s:
-            figures = bench_rotation(
-                s, workdir, password_calls=args.password, postgres_calls=args.postgres,
-                alone_calls=args.alone, py_spy=args.py_spy,
-            )  # fmt: skip
-    except bench.BenchError as exc:
-        print(f"bench failed: {exc} (files in {workdir})", file=sys.stderr)
-        return 2
-    return bench.report_alone("rotation_bench.py", figures, out, load_start=load_start)
+    bench.fill_quick_or_full(args, {"password": (200, 20), "postgres": (100, 10), "alone": (20, 5)})
+    return bench.run_alone(
+        "rotation_bench.py",
+        lambda: bench.in_stack(
+            "rotation-bench-",
+            lambda s, workdir: bench_rotation(
+                s,
+                workdir,
+                password_calls=args.password,
+                postgres_calls=args.postgres,
+                alone_calls=args.alone,
+                py_spy=args.py_spy,
+            ),
+        ),
+        args.out or (None if args.quick else OUT),
+    )
 
 
 def markdown_rows(rotation: Mapping[str, Any]) -> list[str]:

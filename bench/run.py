@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -676,6 +676,48 @@ def versions() -> dict[str, str]:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     found["wrk"] = (wrk.stdout or wrk.stderr).split("[")[0].strip().removeprefix("wrk ")
     return found
+
+
+def fill_quick_or_full(args: argparse.Namespace, defaults: Mapping[str, tuple[Any, Any]]) -> None:
+    """Each option of `defaults` ({name: (full, quick)}) left unset takes its full or, with
+    --quick, its quick value."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def in_stack(prefix: str, measure: Callable[[Stack, Path], Mapping[str, Any]]) -> dict[str, Any]:
+    """`measure(stack, workdir)` on a fresh stack in a temporary folder: the folder is removed
+    after a success, and kept and named in the BenchError after a failure (its logs)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with stack(workdir) as s:
+            figures = dict(measure(s, workdir))
+    except BenchError as exc:
+        raise BenchError(f"{exc} (files in {workdir})") from None
+    shutil.rmtree(workdir, ignore_errors=True)
+    return figures
+
+
+def run_alone(
+    script: str,
+    measure: Callable[[], dict[str, Any]],
+    out: Path | None,
+    *,
+    summary: Callable[[dict[str, Any]], str] = lambda figures: "",
+    context: Mapping[str, Any] | None = None,
+) -> int:
+    """A bench part's main once its options are read: measure, then report_alone (with the load
+    average at the start and the end); 2, saying why, when the measurement fails."""
+    load_start = os.getloadavg()[0]
+    try:
+        figures = measure()
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 2
+    return report_alone(
+        script, figures, out, load_start=load_start, context=context, summary=summary(figures)
+    )
 
 
 def report_alone(

@@ -26,10 +26,8 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -217,18 +215,11 @@ def markdown_note(scale: dict[str, Any]) -> str:
 
 def _run_quick_or_full(args: argparse.Namespace) -> dict[str, Any]:
     wrk = bench.ensure_wrk()
-    workdir = Path(tempfile.mkdtemp(prefix="scale-bench-"))
-    try:
-        with bench.stack(workdir) as s:
-            figures = bench_scale(
-                s, workdir, wrk, sizes=args.sizes, real=args.real, calls=args.calls,
-                rounds=args.rounds, duration=args.duration, warmup=args.warmup,
-                instances=args.instances, writes=args.writes, quick=args.quick,
-            )  # fmt: skip
-    except bench.BenchError as exc:
-        raise bench.BenchError(f"{exc} (files in {workdir})") from None
-    shutil.rmtree(workdir, ignore_errors=True)  # kept when the run failed
-    return figures
+    return bench.in_stack("scale-bench-", lambda s, workdir: bench_scale(
+        s, workdir, wrk, sizes=args.sizes, real=args.real, calls=args.calls,
+        rounds=args.rounds, duration=args.duration, warmup=args.warmup,
+        instances=args.instances, writes=args.writes, quick=args.quick,
+    ))  # fmt: skip
 
 
 def main() -> int:
@@ -251,21 +242,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke test; writes nothing")
     parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(bench.ROOT)}")
     args = parser.parse_args()
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    out = args.out or (None if args.quick else OUT)
-    try:
-        figures = _run_quick_or_full(args)
-    except bench.BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
-    return bench.report_alone(
+    bench.fill_quick_or_full(args, defaults)
+    return bench.run_alone(
         "scale_bench.py",
-        figures,
-        out,
-        summary=summary,
+        lambda: _run_quick_or_full(args),
+        args.out or (None if args.quick else OUT),
+        summary=lambda figures: "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures),
     )
 
 

@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -291,18 +288,11 @@ def markdown_note(watch: dict[str, Any]) -> str:
 
 def _run_quick_or_full(args: argparse.Namespace) -> dict[str, Any]:
     wrk = bench.ensure_wrk()
-    workdir = Path(tempfile.mkdtemp(prefix="watch-bench-"))
-    try:
-        with bench.stack(workdir) as s:
-            figures = bench_watch(
-                s, workdir, wrk, get_calls=args.get_calls, round_trips=args.round_trips,
-                writes=args.writes, streams=args.streams, rounds=args.rounds,
-                duration=args.duration, warmup=args.warmup, py_spy=args.py_spy,
-            )  # fmt: skip
-    except bench.BenchError as exc:
-        raise bench.BenchError(f"{exc} (files in {workdir})") from None
-    shutil.rmtree(workdir, ignore_errors=True)  # kept when the run failed
-    return figures
+    return bench.in_stack("watch-bench-", lambda s, workdir: bench_watch(
+        s, workdir, wrk, get_calls=args.get_calls, round_trips=args.round_trips,
+        writes=args.writes, streams=args.streams, rounds=args.rounds,
+        duration=args.duration, warmup=args.warmup, py_spy=args.py_spy,
+    ))  # fmt: skip
 
 
 def main() -> int:
@@ -326,23 +316,12 @@ def main() -> int:
         "--py-spy", type=Path, help="py-spy's collapsed stacks of instance A, async freshness"
     )
     args = parser.parse_args()
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    out = args.out or (None if args.quick else OUT)
-    load_start = os.getloadavg()[0]
-    try:
-        figures = _run_quick_or_full(args)
-    except bench.BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    summary = "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures)
-    return bench.report_alone(
+    bench.fill_quick_or_full(args, defaults)
+    return bench.run_alone(
         "watch_bench.py",
-        figures,
-        out,
-        load_start=load_start,
-        summary=summary,
+        lambda: _run_quick_or_full(args),
+        args.out or (None if args.quick else OUT),
+        summary=lambda figures: "\n".join(markdown_rows(figures)) + "\n\n" + markdown_note(figures),
     )
 
 

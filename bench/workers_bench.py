@@ -264,30 +264,25 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(bench.ROOT)}")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    bench.fill_quick_or_full(args, defaults)
     if args.granian and importlib.util.find_spec("granian") is None:
         print("--granian: granian is not importable (pip install granian)", file=sys.stderr)
         return 2
-    out = args.out or (None if args.quick else OUT)
-    load_start = os.getloadavg()[0]
     wrk = bench.ensure_wrk()
-    workdir = Path(tempfile.mkdtemp(prefix="secrets-workers-bench-"))
-    try:
-        with bench.stack(workdir) as s:
-            figures = bench_workers(s, workdir, wrk, args)
-    except bench.BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return bench.report_alone(
+
+    def measure() -> dict[str, Any]:
+        workdir = Path(tempfile.mkdtemp(prefix="secrets-workers-bench-"))
+        try:
+            with bench.stack(workdir) as s:
+                return bench_workers(s, workdir, wrk, args)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    return bench.run_alone(
         "workers_bench.py",
-        figures,
-        out,
-        load_start=load_start,
+        measure,
+        args.out or (None if args.quick else OUT),
         context={
             "wrk": {
                 "threads": args.threads,
@@ -296,7 +291,7 @@ def main() -> int:
                 "rounds": args.rounds,
             }
         },
-        summary="\n".join(markdown_rows(figures)),
+        summary=lambda figures: "\n".join(markdown_rows(figures)),
     )
 
 

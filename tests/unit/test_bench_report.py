@@ -3,10 +3,13 @@ the committed results (bench/results/latest.json) and from rounds made up here."
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -107,3 +110,25 @@ def test_quote_in_readme_replaces_only_the_block_between_its_markers(tmp_path: P
     assert readme.read_text() == (
         f"before\n{bench.README_BEGIN}\n| new | table |\n\n{bench.README_END}after\n"
     )
+
+
+def test_a_part_run_alone_reports_its_figures_or_exits_2_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "part.json"
+    assert bench.run_alone("part.py", lambda: {"x": 1}, out, summary=lambda f: f"x={f['x']}") == 0
+    assert json.loads(out.read_text())["x"] == 1
+    assert "x=1" in capsys.readouterr().out
+
+    def failing() -> dict[str, Any]:
+        raise bench.BenchError("no wrk")
+
+    assert bench.run_alone("part.py", failing, tmp_path / "none.json") == 2
+    assert "bench failed: no wrk" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_a_quick_run_fills_only_the_options_left_unset() -> None:
+    args = argparse.Namespace(quick=True, rounds=None, duration=9)
+    bench.fill_quick_or_full(args, {"rounds": (5, 2), "duration": (10, 3)})
+    assert (args.rounds, args.duration) == (2, 9)
