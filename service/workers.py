@@ -71,6 +71,10 @@ class WorkerLink:
 
     def ready(self) -> None:
         """Tell the supervisor this worker listens: it counts as started from now."""
+        # The lines the worker logged while starting ("service ready") are batched; write them
+        # first, so the supervisor's "worker ready" never comes before them in the log.
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         with contextlib.suppress(OSError):
             self.sock.sendall(_READY)
 
